@@ -1,0 +1,306 @@
+# A2C on one DarkRoom task: the source algorithm whose learning histories Algorithm Distillation imitates.
+# Docs: README.md#a2c_darkroompy
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Tuple
+
+import gymnasium as gym
+import imageio
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import tyro
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+from toymeta.dark_room import DarkRoom
+from tqdm import trange
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True` so GPU runs are reproducible"""
+    cuda: bool = False
+    """if toggled, use CUDA when it is available"""
+    capture_video: bool = False
+    """if toggled, write an mp4 of the trained agent to `videos/{run_name}/`"""
+
+    # Environment
+    goal: Tuple[int, int] = (2, 6)
+    """goal cell (row, col); any cell but the start (the centre)"""
+    size: int = 9
+    """side of the square grid"""
+    terminate_on_goal: bool = True
+    """end the episode when the goal is reached (the seed's choice); False = the AD paper's variant"""
+    max_episode_steps: int = 20
+    """time limit of an episode (truncation)"""
+
+    # Algorithm (defaults: the seed's hyperparameters)
+    num_envs: int = 10
+    """number of parallel envs"""
+    num_steps: int = 10
+    """rollout length per env between updates (the n of the n-step returns)"""
+    total_timesteps: int = 2_500_000
+    """total env steps over all envs"""
+    learning_rate: float = 1e-4
+    """Adam learning rate"""
+    adam_eps: float = 1e-6
+    """Adam epsilon"""
+    hidden_size: int = 128
+    """size of the shared state embedding"""
+    gamma: float = 0.9
+    """discount; 0.9 (horizon ~10 steps, within a 20-step episode) makes a shorter path to the goal clearly worth more"""
+    ent_coef: float = 0.01
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.99
+    """coefficient of the value loss"""
+    max_grad_norm: float = 0.5
+    """maximum global norm of the gradient"""
+    log_every: int = 100
+    """log losses and charts every this many updates"""
+
+    # filled in at runtime
+    num_updates: int = 0
+    """number of updates (total_timesteps // (num_envs * num_steps))"""
+
+
+def check_args(args: Args) -> None:
+    """Reject bad input with a one-line message before anything is written."""
+    for name in ["size", "max_episode_steps", "num_envs", "num_steps", "total_timesteps", "hidden_size"]:
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        raise SystemExit("error: --total-timesteps must be at least --num-envs * --num-steps (one update)")
+    row, col = args.goal
+    if not (0 <= row < args.size and 0 <= col < args.size):
+        raise SystemExit(f"error: --goal {row} {col} is outside the {args.size}x{args.size} grid; use 0..{args.size - 1}")
+    if (row, col) == (args.size // 2, args.size // 2):
+        raise SystemExit(f"error: --goal {row} {col} is the start cell; choose any other cell")
+    if not 0.0 <= args.gamma <= 1.0:
+        raise SystemExit(f"error: --gamma must be in [0, 1], got {args.gamma}")
+
+
+class EpisodeTimestep(gym.Wrapper):
+    """Puts the within-episode time step (steps taken so far, 0 at reset) in `info["timestep"]`."""
+
+    def reset(self, **kwargs):
+        self.timestep = 0
+        obs, info = self.env.reset(**kwargs)
+        return obs, {**info, "timestep": 0}
+
+    def step(self, action):
+        self.timestep += 1
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, {**info, "timestep": self.timestep}
+
+
+def make_env(size: int, goal: Tuple[int, int], terminate_on_goal: bool, max_episode_steps: int):
+    def thunk():
+        env = DarkRoom(size=size, goal=goal, random_start=False, terminate_on_goal=terminate_on_goal)
+        env = gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
+        return EpisodeTimestep(env)
+
+    return thunk
+
+
+def layer_init(layer: nn.Linear, std: float) -> nn.Linear:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, 0.0)
+    return layer
+
+
+class Agent(nn.Module):
+    """A shared state embedding, then a linear actor head (5 logits) and a linear critic head."""
+
+    def __init__(self, num_states: int, num_actions: int = 5, hidden_size: int = 128):
+        super().__init__()
+        self.embedding = nn.Embedding(num_states, hidden_size)
+        # small actor init: the first policy is near uniform, so the first histories explore
+        self.actor = layer_init(nn.Linear(hidden_size, num_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(hidden_size, 1), std=1.0)
+
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.embedding(obs)).squeeze(-1)
+
+    def get_action_and_value(self, obs: torch.Tensor, action: torch.Tensor = None):
+        hidden = self.embedding(obs)
+        dist = Categorical(logits=self.actor(hidden))
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), self.critic(hidden).squeeze(-1)
+
+
+def nstep_returns(rewards, terminated, truncated, next_values, gamma: float):
+    """n-step returns over a whole rollout, no GAE. All tensors are (num_steps, ...).
+
+    `next_values[t]` is V(s_{t+1}) for the true next state (the *final* observation when the episode ended
+    at t). The return is cut to 0 after a termination, bootstrapped from V(final obs) after a truncation
+    (the time limit is not part of the MDP), and from V(s_T) at the end of the rollout.
+    """
+    returns = torch.zeros_like(rewards)
+    future = next_values[-1]
+    for t in reversed(range(rewards.shape[0])):
+        if t < rewards.shape[0] - 1:
+            future = torch.where(truncated[t], next_values[t], returns[t + 1])
+        returns[t] = rewards[t] + gamma * (~terminated[t]) * future
+    return returns
+
+
+def a2c_loss(agent: Agent, obs, actions, returns, ent_coef: float, vf_coef: float):
+    """One combined loss: policy gradient with advantage = return - value, value loss, entropy bonus."""
+    _, logprob, entropy, value = agent.get_action_and_value(obs, actions)
+    advantages = (returns - value).detach()
+    pg_loss = -(logprob * advantages).mean()
+    v_loss = 0.5 * ((returns - value) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
+    return loss, pg_loss, v_loss, entropy_loss
+
+
+def render_frame(size: int, goal: Tuple[int, int], agent_state: int, scale: int = 32) -> np.ndarray:
+    """An upscaled RGB frame: dark floor with grid lines, goal red, agent green (yellow on the goal)."""
+    grid = np.full((size, size, 3), 40, dtype=np.uint8)
+    grid[goal[0], goal[1]] = (220, 40, 40)
+    row, col = divmod(int(agent_state), size)
+    grid[row, col] = (240, 220, 40) if (row, col) == tuple(goal) else (40, 220, 40)
+    frame = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    frame[::scale, :] = frame[:, ::scale] = 90  # grid lines so single cells are visible
+    return frame
+
+
+def greedy_rollout(agent: Agent, env: gym.Env, device: torch.device, seed: int = 0):
+    """Run one episode acting greedily; returns the visited states (including the first) and the return."""
+    obs, _ = env.reset(seed=seed)
+    states, total, done = [obs], 0.0, False
+    while not done:
+        with torch.no_grad():
+            hidden = agent.embedding(torch.tensor([obs], device=device))
+            action = agent.actor(hidden).argmax(-1).item()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        states.append(obs)
+        total += reward
+        done = terminated or truncated
+    return states, total
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    args.num_updates = args.total_timesteps // (args.num_envs * args.num_steps)
+    run_name = f"DarkRoom-{args.size}x{args.size}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # env setup: SAME_STEP autoreset returns the final observation of an ended episode in `info["final_obs"]`
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.size, args.goal, args.terminate_on_goal, args.max_episode_steps) for _ in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    num_states = envs.single_observation_space.n
+
+    agent = Agent(num_states, envs.single_action_space.n, args.hidden_size).to(device)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps)
+
+    # ALGO Logic: storage setup
+    obs = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    next_obs_true = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
+    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
+    terminateds = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
+    truncateds = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
+
+    global_step = 0
+    start_time = time.time()
+    recent_success = deque(maxlen=100)  # success (goal reached) of the last 100 episodes over all envs
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.tensor(next_obs, device=device)
+
+    progress = trange(1, args.num_updates + 1, desc="a2c", unit="update", mininterval=1.0)
+    for update in progress:
+        for step in range(args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            with torch.no_grad():
+                action, _, _, _ = agent.get_action_and_value(next_obs)
+            actions[step] = action
+            next_obs_np, reward, terminated, truncated, infos = envs.step(action.cpu().numpy())
+            rewards[step] = torch.tensor(reward, device=device)
+            terminateds[step] = torch.tensor(terminated, device=device)
+            truncateds[step] = torch.tensor(truncated & ~terminated, device=device)
+            # the true next state: the final observation where the episode ended, else the new observation
+            true_next = next_obs_np.copy()
+            if "final_obs" in infos:
+                ended = infos["_final_obs"]
+                true_next[ended] = infos["final_obs"][ended].astype(np.int64)
+            next_obs_true[step] = torch.tensor(true_next, device=device)
+            next_obs = torch.tensor(next_obs_np, device=device)
+
+            if "episode" in infos:
+                for i in np.flatnonzero(infos["_episode"]):
+                    episodic_return, episodic_length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                    recent_success.append(float(episodic_return > 0))
+                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+
+        # ALGO LOGIC: n-step returns, bootstrapped from the critic
+        with torch.no_grad():
+            next_values = agent.get_value(next_obs_true)
+            returns = nstep_returns(rewards, terminateds, truncateds, next_values, args.gamma)
+
+        loss, pg_loss, v_loss, entropy_loss = a2c_loss(
+            agent, obs.reshape(-1), actions.reshape(-1), returns.reshape(-1), args.ent_coef, args.vf_coef
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        optimizer.step()
+
+        if update % args.log_every == 0 or update == args.num_updates:
+            success_rate = float(np.mean(recent_success)) if recent_success else 0.0
+            sps = int(global_step / (time.time() - start_time))
+            writer.add_scalar("charts/success_rate", success_rate, global_step)
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            progress.set_postfix(step=global_step, success=f"{success_rate:.2f}", sps=sps)
+
+    envs.close()
+    model_path = f"runs/{run_name}/{args.exp_name}.pt"
+    torch.save({"model": agent.state_dict(), "args": vars(args), "num_states": num_states}, model_path + ".tmp")
+    os.replace(model_path + ".tmp", model_path)
+    print(f"model saved to {model_path}")
+
+    if args.capture_video:
+        env = make_env(args.size, args.goal, args.terminate_on_goal, args.max_episode_steps)()
+        frames = []
+        for episode in range(3):
+            states, _ = greedy_rollout(agent, env, device, seed=args.seed + episode)
+            frames += [render_frame(args.size, args.goal, s) for s in states]
+            frames += [frames[-1]] * 2  # a short pause between episodes
+        os.makedirs(f"videos/{run_name}", exist_ok=True)
+        video_path = f"videos/{run_name}/greedy.mp4"
+        imageio.mimwrite(video_path + ".tmp.mp4", frames, fps=4, macro_block_size=1)
+        os.replace(video_path + ".tmp.mp4", video_path)
+        print(f"video saved to {video_path}")
+    writer.close()
