@@ -215,7 +215,7 @@ if __name__ == "__main__":
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    num_states = envs.single_observation_space.n
+    num_states = int(envs.single_observation_space.n)
 
     agent = Agent(num_states, envs.single_action_space.n, args.hidden_size).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps)
