@@ -1,0 +1,467 @@
+"""Tests of collect_histories.py: env parity with toymeta, batched A2C = independent A2C, history files, resume, errors."""
+import glob
+import inspect
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import a2c_darkroom  # noqa: E402
+import collect_histories as ch  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "collect_histories.py")
+TINY = ["--num-envs", "2", "--num-steps", "5", "--total-timesteps", "400", "--history-len", "300", "--log-every", "10"]
+ALL_GOALS = [(r, c) for r in range(9) for c in range(9) if (r, c) != (4, 4)]
+
+
+def run_in_process(cwd, *args):
+    """Run the script as __main__ in this process (fast: no imports); returns the exit code (0 if none)."""
+    old_argv, old_cwd = sys.argv, os.getcwd()
+    sys.argv = [SCRIPT, *args]
+    os.chdir(cwd)
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return e.code or 0
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        torch.set_num_threads(1)
+
+
+def files_under(path):
+    return sorted(os.path.relpath(p, path) for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
+
+
+def load(path):
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    return arrays, json.loads(arrays.pop("metadata").item())
+
+
+# ---------------------------------------------------------------------------------------------- the vectorized env
+
+
+@pytest.mark.parametrize("terminate_on_goal", [True, False])
+@pytest.mark.parametrize("max_episode_steps", [1, 3, 20])
+def test_vector_env_matches_toymeta_with_time_limit(terminate_on_goal, max_episode_steps):
+    """All 80 goals side by side: toymeta DarkRoom + TimeLimit (a2c_darkroom.make_env) in a SAME_STEP SyncVectorEnv."""
+    ref = gym.vector.SyncVectorEnv(
+        [a2c_darkroom.make_env(9, goal, terminate_on_goal, max_episode_steps) for goal in ALL_GOALS],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    ours = ch.DarkRoomVectorEnv(np.array(ALL_GOALS), 9, terminate_on_goal, max_episode_steps)
+    obs_ref, info_ref = ref.reset(seed=0)
+    obs, info = ours.reset(seed=0)
+    np.testing.assert_array_equal(obs, obs_ref)
+    np.testing.assert_array_equal(info["timestep"], info_ref["timestep"])
+    rng = np.random.default_rng(max_episode_steps)
+    favourite = rng.integers(0, 5, len(ALL_GOALS))  # a drift per env, so walls and far goals are reached too
+    counts = {"ended": 0, "rewards": 0, "both": 0, "wall": 0}
+    for _ in range(300):
+        actions = np.where(rng.random(len(ALL_GOALS)) < 0.5, favourite, rng.integers(0, 5, len(ALL_GOALS)))
+        before = obs.copy()
+        obs_ref, r_ref, term_ref, trunc_ref, info_ref = ref.step(actions)
+        obs, r, term, trunc, info = ours.step(actions)
+        np.testing.assert_array_equal(obs, obs_ref)
+        np.testing.assert_array_equal(r, r_ref)
+        np.testing.assert_array_equal(term, term_ref)
+        np.testing.assert_array_equal(trunc, trunc_ref)  # raw TimeLimit flags: both True on a last step at the goal
+        np.testing.assert_array_equal(info["timestep"], info_ref["timestep"])
+        ended = term_ref | trunc_ref
+        np.testing.assert_array_equal(info["_final_obs"], ended)
+        if ended.any():
+            np.testing.assert_array_equal(info["final_obs"][ended], info_ref["final_obs"][ended].astype(np.int64))
+        np.testing.assert_array_equal(info["final_obs"][~ended], obs[~ended])
+        counts["ended"] += ended.sum()
+        counts["rewards"] += r.sum()
+        counts["both"] += (term & trunc).sum()
+        counts["wall"] += ((info["final_obs"] == before) & (actions != 0)).sum()
+    assert counts["ended"] > 100 and counts["rewards"] > 20
+    if max_episode_steps >= 20:
+        assert counts["wall"] > 100  # moves into a wall leave the agent where it was
+    if terminate_on_goal and max_episode_steps <= 3:
+        assert counts["both"] > 0  # the case where toymeta's TimeLimit reports terminated and truncated
+
+
+# ---------------------------------------------------------------------------------------------- batched A2C
+
+
+def test_helpers_are_identical_copies_of_a2c_darkroom():
+    for name in ["layer_init", "nstep_returns"]:
+        assert inspect.getsource(getattr(ch, name)) == inspect.getsource(getattr(a2c_darkroom, name)), name
+
+
+def test_init_matches_a2c_darkroom_agent():
+    agent = ch.BatchedAgent([7, 11], 81, 5, 16)
+    for i, seed in enumerate([7, 11]):
+        torch.manual_seed(seed)
+        ref = a2c_darkroom.Agent(81, 5, 16)
+        assert torch.equal(agent.embedding[i], ref.embedding.weight.T)
+        assert torch.equal(agent.actor_weight[i], ref.actor.weight) and torch.equal(agent.actor_bias[i], ref.actor.bias)
+        assert torch.equal(agent.critic_weight[i], ref.critic.weight) and torch.equal(agent.critic_bias[i], ref.critic.bias)
+    assert not torch.equal(agent.embedding[0], agent.embedding[1])
+
+
+def random_rollout(rng, T=8, E=3, S=81):
+    return (
+        torch.from_numpy(rng.integers(0, S, (T, E))),  # obs
+        torch.from_numpy(rng.integers(0, 5, (T, E))),  # actions
+        torch.from_numpy((rng.random((T, E)) < 0.3).astype(np.float32)),  # rewards
+        torch.from_numpy(rng.random((T, E)) < 0.15),  # terminated
+        torch.from_numpy(rng.random((T, E)) < 0.15),  # truncated (before & ~terminated)
+        torch.from_numpy(rng.integers(0, S, (T, E))),  # true next obs
+    )
+
+
+def test_batched_update_matches_a2c_darkroom_update():
+    """Three agents in one batch, each against its own a2c_darkroom Agent + nstep_returns + a2c_loss + clip + Adam."""
+    seeds, lr, gamma, ent_coef, vf_coef, max_grad_norm = [3, 4, 5], 1e-2, 0.9, 0.01, 0.99, 0.5
+    batched = ch.BatchedAgent(seeds, 81, 5, 32)
+    opt = torch.optim.Adam(batched.parameters(), lr=lr, eps=1e-6, fused=True)
+    refs, ref_opts = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        refs.append(a2c_darkroom.Agent(81, 5, 32))
+        ref_opts.append(torch.optim.Adam(refs[-1].parameters(), lr=lr, eps=1e-6))
+    rng = np.random.default_rng(0)
+    clipped = 0
+    for _ in range(3):
+        rollouts = [random_rollout(rng) for _ in seeds]
+        batch_obs, batch_actions, batch_returns, ref_norms = [], [], [], []
+        for ref, ref_opt, (obs, actions, rewards, terminated, truncated, next_obs) in zip(refs, ref_opts, rollouts):
+            with torch.no_grad():
+                returns = a2c_darkroom.nstep_returns(rewards, terminated, truncated & ~terminated, ref.get_value(next_obs), gamma)
+            loss, *_ = a2c_darkroom.a2c_loss(ref, obs.reshape(-1), actions.reshape(-1), returns.reshape(-1), ent_coef, vf_coef)
+            ref_opt.zero_grad()
+            loss.backward()
+            ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_grad_norm)))
+            ref_opt.step()
+            batch_obs.append(obs.reshape(-1))
+            batch_actions.append(actions.reshape(-1))
+            batch_returns.append(returns.reshape(-1))
+        logits, values = batched.tables()
+        *_, norms = ch.a2c_update(batched, opt, logits, values, torch.stack(batch_obs), torch.stack(batch_actions),
+                                  torch.stack(batch_returns), ent_coef, vf_coef, max_grad_norm)
+        np.testing.assert_allclose(norms.numpy(), ref_norms, rtol=1e-5)
+        clipped += sum(n > max_grad_norm for n in ref_norms)
+    assert clipped >= 3  # clipping was active, so per-agent clipping is what is compared
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(batched.embedding[i], ref.embedding.weight.T, atol=1e-6, rtol=0)
+        torch.testing.assert_close(batched.actor_weight[i], ref.actor.weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(batched.actor_bias[i], ref.actor.bias, atol=1e-6, rtol=0)
+        torch.testing.assert_close(batched.critic_weight[i], ref.critic.weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(batched.critic_bias[i], ref.critic.bias, atol=1e-6, rtol=0)
+    # and the parameters did move (lr 1e-2, three steps), so the comparison above means something
+    torch.manual_seed(seeds[0])
+    assert (batched.actor_weight[0] - a2c_darkroom.Agent(81, 5, 32).actor.weight).abs().max() > 1e-3
+
+
+def test_one_agents_update_ignores_the_other_agents_data():
+    rng = np.random.default_rng(1)
+    obs = torch.from_numpy(rng.integers(0, 81, (2, 40)))
+    actions = torch.from_numpy(rng.integers(0, 5, (2, 40)))
+    returns = torch.from_numpy(rng.random((2, 40)).astype(np.float32))
+    results = []
+    for scale in [1.0, 1000.0]:  # agent 1's returns blown up: a global clip or a shared mean would leak into agent 0
+        agent = ch.BatchedAgent([0, 1], 81, 5, 32)
+        opt = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-6, fused=True)
+        perturbed_obs = obs.clone()
+        if scale != 1.0:
+            perturbed_obs[1] = torch.from_numpy(rng.integers(0, 81, 40))
+        for _ in range(2):
+            logits, values = agent.tables()
+            ch.a2c_update(agent, opt, logits, values, perturbed_obs, actions,
+                          returns * torch.tensor([[1.0], [scale]]), 0.01, 0.99, 0.5)
+        results.append([p.detach().clone() for p in agent.parameters()])
+    for p_clean, p_perturbed in zip(*results):
+        assert torch.equal(p_clean[0], p_perturbed[0])
+    assert not torch.equal(results[0][0][1], results[1][0][1])
+
+
+def test_gradient_clipping_is_per_agent():
+    grads = [torch.zeros(3, 4, 5), torch.zeros(3, 2)]
+    grads[0][0, 0, 0], grads[1][0, 0] = 0.06, 0.08  # agent 0: norm 0.1, under the limit
+    grads[0][1].fill_(1.0)  # agent 1: norm sqrt(20), clipped to 0.5
+    grads[1][2, 1] = 7.0  # agent 2: norm 7, clipped to 0.5
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    norms = ch.clip_grad_norm_per_agent_(params, 0.5)
+    np.testing.assert_allclose(norms.numpy(), [0.1, 20**0.5, 7.0], rtol=1e-6)
+    after = torch.stack([torch.cat([p.grad[i].flatten() for p in params]).norm() for i in range(3)])
+    np.testing.assert_allclose(after.numpy(), [0.1, 0.5, 0.5], rtol=1e-5)
+    torch.testing.assert_close(params[0].grad[0], grads[0][0])  # agent 0 untouched
+
+
+# ---------------------------------------------------------------------------------------------- the script
+
+
+def check_dynamics(arrays, meta):
+    """Every transition follows DarkRoom + TimeLimit, streams start at the centre, timesteps restart after every end."""
+    size, goal = meta["env"]["size"], meta["goal"]
+    limit, terminate = meta["env"]["max_episode_steps"], meta["env"]["terminate_on_goal"]
+    s, a = arrays["states"].astype(np.int64), arrays["actions"].astype(np.int64)
+    row, col = np.divmod(s, size)
+    drow = np.array([0, -1, 0, 1, 0])[a]
+    dcol = np.array([0, 0, 1, 0, -1])[a]
+    expected_next = np.clip(row + drow, 0, size - 1) * size + np.clip(col + dcol, 0, size - 1)
+    np.testing.assert_array_equal(arrays["next_states"], expected_next)
+    at_goal = arrays["next_states"] == goal[0] * size + goal[1]
+    np.testing.assert_array_equal(arrays["rewards"], at_goal)  # rewards only on the goal, always on the goal
+    np.testing.assert_array_equal(arrays["terminated"], at_goal & terminate)
+    np.testing.assert_array_equal(arrays["truncated"], (arrays["timesteps"] == limit - 1) & ~arrays["terminated"])
+    ended = arrays["terminated"] | arrays["truncated"]
+    start = (size // 2) * size + size // 2
+    assert (arrays["states"][:, 0] == start).all() and (arrays["timesteps"][:, 0] == 0).all()
+    t = arrays["timesteps"].astype(np.int64)
+    np.testing.assert_array_equal(t[:, 1:], np.where(ended[:, :-1], 0, t[:, :-1] + 1))
+    np.testing.assert_array_equal(arrays["states"][:, 1:], np.where(ended[:, :-1], start, arrays["next_states"][:, :-1]))
+
+
+def test_history_files_on_a_small_collection(tmp_path):
+    out = tmp_path / "h"
+    assert run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "all", *TINY) == 0
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert tasks["format_version"] == 1 and tasks["split_seed"] == 0
+    assert tasks["env"] == {"size": 9, "terminate_on_goal": True, "max_episode_steps": 20}
+    train, test = {tuple(g) for g in tasks["train"]}, {tuple(g) for g in tasks["test"]}
+    assert len(train) == 57 and len(test) == 23 and train | test == set(ALL_GOALS)
+    expected = sorted([f"train/goal_{r}_{c}.npz" for r, c in train] + [f"test/goal_{r}_{c}.npz" for r, c in test]
+                      + ["tasks.json", "learning_curves_all.png", "learning_curves_all.json"])
+    assert files_under(out) == expected  # test tasks only in test/, nothing left behind
+    successes = 0
+    for part in ("train", "test"):
+        for path in glob.glob(str(out / part / "*.npz")):
+            arrays, meta = load(path)
+            r, c = meta["goal"]
+            assert os.path.basename(path) == f"goal_{r}_{c}.npz" and meta["split"] == part
+            assert meta["source"] == "a2c" and meta["format_version"] == 1 and meta["seed"] == 1
+            assert meta["num_streams"] == 2 and meta["steps_per_stream"] == 150
+            assert meta["algo"]["learning_rate"] == 1e-4 and meta["algo"]["history_len"] == 300
+            assert set(meta["versions"]) >= {"numpy", "torch", "toymeta"}
+            assert set(arrays) == set(ch.HISTORY_KEYS)
+            for key, dtype in ch.HISTORY_KEYS.items():
+                assert arrays[key].dtype == dtype and arrays[key].shape == (2, 150), key
+            check_dynamics(arrays, meta)
+            successes += arrays["rewards"].sum()
+    assert successes > 50  # random-ish early policies reach some goals: the goal checks above were exercised
+    curves = json.loads((out / "learning_curves_all.json").read_text())
+    assert curves["env_steps_per_agent"] == [100, 200, 300, 400] and len(curves["success_rate"][0]) == 80
+
+
+def test_no_terminate_mode_history(tmp_path):
+    out = tmp_path / "h"
+    args = ["--histories-dir", str(out), "--tasks", "3,4", "4,3", "--no-terminate-on-goal", "--max-episode-steps", "7"]
+    assert run_in_process(tmp_path, *args, *TINY) == 0
+    for path in glob.glob(str(out / "*" / "*.npz")):
+        arrays, meta = load(path)
+        assert meta["env"]["terminate_on_goal"] is False
+        check_dynamics(arrays, meta)
+        assert not arrays["terminated"].any() and arrays["truncated"].sum() > 10
+        assert (arrays["rewards"][:, 1:] & arrays["rewards"][:, :-1]).any()  # staying on the goal pays again
+
+
+def test_histories_replay_through_a2c_darkroom(tmp_path):
+    """End to end: replaying a history's rollouts through a2c_darkroom.py's update gives the collector's final agent."""
+    out = tmp_path / "h"
+    args = ["--histories-dir", str(out), "--tasks", "3,5", "5,3", "--num-envs", "3", "--num-steps", "4",
+            "--total-timesteps", "240", "--history-len", "240", "--learning-rate", "0.01", "--gamma", "0.8"]
+    assert run_in_process(tmp_path, *args) == 0
+    saved = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "agents.pt"))[0])
+    assert [tuple(g) for g in saved["goals"]] == [(3, 5), (5, 3)]
+    for i, goal in enumerate(saved["goals"]):
+        arrays, meta = load(glob.glob(str(out / "*" / f"goal_{goal[0]}_{goal[1]}.npz"))[0])
+        torch.manual_seed(ch.agent_seeds(1, tuple(goal), 9)[0])
+        ref = a2c_darkroom.Agent(81, 5, 128)
+        opt = torch.optim.Adam(ref.parameters(), lr=0.01, eps=1e-6)
+        clipped = 0
+        for u in range(80 // 4):
+            part = {k: torch.from_numpy(v[:, u * 4:(u + 1) * 4].T.astype(np.int64 if v.dtype == np.uint8 else bool))
+                    for k, v in arrays.items()}
+            with torch.no_grad():
+                returns = a2c_darkroom.nstep_returns(part["rewards"].float(), part["terminated"], part["truncated"],
+                                                     ref.get_value(part["next_states"]), 0.8)
+            loss, *_ = a2c_darkroom.a2c_loss(ref, part["states"].reshape(-1), part["actions"].reshape(-1),
+                                             returns.reshape(-1), 0.01, 0.99)
+            opt.zero_grad()
+            loss.backward()
+            clipped += float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)) > 0.5
+            opt.step()
+        assert clipped > 0
+        # 20 Adam steps of size ~lr = 1e-2 moved the weights by ~1e-1; rounding differences stay below 1e-4
+        state = saved["agent"]
+        torch.manual_seed(ch.agent_seeds(1, tuple(goal), 9)[0])
+        assert (a2c_darkroom.Agent(81, 5, 128).actor.weight - ref.actor.weight).abs().max() > 5e-2
+        torch.testing.assert_close(state["embedding"][i], ref.embedding.weight.T, atol=1e-4, rtol=0)
+        torch.testing.assert_close(state["actor_weight"][i], ref.actor.weight, atol=1e-4, rtol=0)
+        torch.testing.assert_close(state["actor_bias"][i], ref.actor.bias, atol=1e-4, rtol=0)
+        torch.testing.assert_close(state["critic_weight"][i], ref.critic.weight, atol=1e-4, rtol=0)
+        torch.testing.assert_close(state["critic_bias"][i], ref.critic.bias, atol=1e-4, rtol=0)
+
+
+def test_history_does_not_depend_on_the_other_tasks(tmp_path):
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "a"), "--tasks", "0,1", *TINY) == 0
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "b"), "--tasks", "0,1", "8,8", "2,2", *TINY) == 0
+    (a, meta_a), (b, meta_b) = [load(glob.glob(str(tmp_path / d / "*" / "goal_0_1.npz"))[0]) for d in "ab"]
+    assert meta_a == meta_b
+    for key in ch.HISTORY_KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_resume_skips_done_tasks_and_overwrite_redoes_them(tmp_path, capsys):
+    out = tmp_path / "h"
+    base = ["--histories-dir", str(out), *TINY]
+    assert run_in_process(tmp_path, *base, "--tasks", "0,1") == 0
+    first = out / "train" / "goal_0_1.npz"
+    if not first.exists():
+        first = out / "test" / "goal_0_1.npz"
+    mtime = first.stat().st_mtime_ns
+    content = first.read_bytes()
+    time.sleep(0.01)
+    capsys.readouterr()
+    assert run_in_process(tmp_path, *base, "--tasks", "0,1", "0,2") == 0
+    assert "collecting 1 of 2 histories (1 already done)" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == mtime
+    assert len(glob.glob(str(out / "*" / "goal_0_2.npz"))) == 1
+    assert run_in_process(tmp_path, *base, "--tasks", "0,1", "0,2") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert run_in_process(tmp_path, *base, "--tasks", "0,1", "--overwrite") == 0
+    assert first.stat().st_mtime_ns != mtime and first.read_bytes() == content  # redone, deterministically
+
+
+def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path):
+    out = tmp_path / "h"
+    flags = ["--histories-dir", str(out), "--num-envs", "2", "--num-steps", "50", "--history-len", "20000"]
+    # 80 agents: about a second (or more) before their histories are complete
+    args = [sys.executable, SCRIPT, *flags, "--tasks", "all", "--total-timesteps", "10000000"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 60
+    while "a2c x80" not in "".join(stderr) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)  # wait for the progress bar: the training loop has started
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    stderr = "".join(stderr)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: 0 of 80 histories written" in stderr
+    assert files_under(out) == ["tasks.json"]  # no history, no temp file
+    # a rerun with the same flags (here: for one of the tasks) does the job
+    assert run_in_process(tmp_path, *flags, "--tasks", "0,1", "--total-timesteps", "20000") == 0
+    assert len(glob.glob(str(out / "*" / "goal_0_1.npz"))) == 1
+
+
+def test_write_interrupted_midway_leaves_no_file(tmp_path):
+    path = str(tmp_path / "x.npz")
+
+    def write(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ch.write_atomic(path, write)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_subprocess_one_line_error_nothing_written(tmp_path):
+    out = tmp_path / "h"
+    result = subprocess.run([sys.executable, SCRIPT, "--histories-dir", str(out), "--tasks", "4,4"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown task '4,4'"), result.stderr
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "9,0"], "unknown task '9,0'"),
+        (["--tasks", "train", "north"], "unknown task 'north'"),
+        (["--tasks", "1,2,3"], "unknown task '1,2,3'"),
+        (["--num-train-tasks", "0"], "--num-train-tasks must be in 1..79"),
+        (["--num-train-tasks", "80"], "--num-train-tasks must be in 1..79"),
+        (["--num-envs", "0"], "--num-envs must be positive"),
+        (["--history-len", "-5"], "--history-len must be positive"),
+        (["--total-timesteps", "0"], "--total-timesteps must be positive"),
+        (["--size", "0"], "--size must be positive"),
+        (["--history-len", "3000000"], "--history-len 3000000 is more than the 2500000 env steps"),
+        (["--history-len", "1050", "--total-timesteps", "1099"], "--history-len 1050 is more than the 1000 env steps"),
+        (["--size", "17"], "need --size <= 16"),
+    ],
+)
+def test_bad_input_errors(tmp_path, capsys, args, message):
+    out = tmp_path / "h"
+    assert run_in_process(tmp_path, "--histories-dir", str(out), *args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_corrupt_existing_history_is_an_error(tmp_path, capsys):
+    out = tmp_path / "h"
+    base = ["--histories-dir", str(out), "--tasks", "0,1", "0,2", *TINY]
+    assert run_in_process(tmp_path, *base) == 0
+    path = glob.glob(str(out / "*" / "goal_0_1.npz"))[0]
+    data = open(path, "rb").read()
+    for broken in [data[: len(data) // 2], b"not a zip file"]:
+        with open(path, "wb") as f:
+            f.write(broken)
+        before = files_under(out), [os.stat(out / p).st_mtime_ns for p in files_under(out)]
+        capsys.readouterr()
+        assert run_in_process(tmp_path, *base) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is corrupt or incomplete" in err[0] and "--overwrite" in err[0], err
+        assert (files_under(out), [os.stat(out / p).st_mtime_ns for p in files_under(out)]) == before
+    # a history of the right format but the wrong shape (e.g. written by hand) is refused too
+    arrays, meta = load(glob.glob(str(out / "*" / "goal_0_2.npz"))[0])
+    arrays["states"] = arrays["states"][:, :-1]
+    np.savez_compressed(path, metadata=np.array(json.dumps(meta)), **arrays)
+    assert run_in_process(tmp_path, *base) != 0
+    assert "is corrupt: states is uint8(2, 149)" in capsys.readouterr().err
+    assert run_in_process(tmp_path, *base, "--overwrite") == 0
+    check_dynamics(*load(path))
+
+
+@pytest.mark.parametrize("change", [["--split-seed", "1"], ["--learning-rate", "0.001"], ["--num-envs", "3"],
+                                    ["--no-terminate-on-goal"], ["--seed", "2"]])
+def test_dir_made_with_another_config_is_an_error(tmp_path, capsys, change):
+    out = tmp_path / "h"
+    assert run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "0,1", *TINY) == 0
+    before = [(p, os.stat(out / p).st_mtime_ns) for p in files_under(out)]
+    capsys.readouterr()
+    assert run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "0,2", *TINY, *change) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was made with another config" in err[0], err
+    assert [(p, os.stat(out / p).st_mtime_ns) for p in files_under(out)] == before
+
+
+def test_select_tasks_and_split():
+    split = ch.make_split(9, 57, 0)
+    assert split == ch.make_split(9, 57, 0) and split != ch.make_split(9, 57, 1)
+    assert ch.select_tasks(("test",), split, 9) == [(g, "test") for g in split["test"]]
+    assert len(ch.select_tasks(("all",), split, 9)) == 80
+    goal = split["test"][0]
+    chosen = dict(ch.select_tasks((f"{goal[0]},{goal[1]}", "train"), split, 9))
+    assert chosen[goal] == "test" and len(chosen) == 58
