@@ -8,7 +8,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -20,7 +20,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import trange
 
 FORMAT_VERSION = 1
-SOURCE = "a2c"
 NUM_ACTIONS = 5
 # the arrays of a history file and their dtypes (see README.md#history-format)
 HISTORY_KEYS = {
@@ -69,6 +68,18 @@ class Args:
     overwrite: bool = False
     """if toggled, collect again the tasks whose history already exists (otherwise they are skipped)"""
 
+    # Source: the learning algorithm whose histories are written
+    source: Literal["a2c", "noise", "explorer"] = "a2c"
+    """`a2c` (the seed's algorithm, trained below); `noise`: shortest-path policy with action noise decaying over
+    episodes (AD-epsilon); `explorer`: remembers visited cells, walks to the nearest unvisited one, goes straight
+    to the goal once rewarded. `noise` and `explorer` need no training: each env stream is one learner from scratch"""
+    noise_episodes: int = 20
+    """`noise`: the episodes (per stream) over which the random-action probability falls linearly from 1 to --noise-floor"""
+    noise_floor: float = 0.0
+    """`noise`: the random-action probability after --noise-episodes"""
+    explorer_eps: float = 0.1
+    """`explorer`: probability of a random action at each step"""
+
     # Algorithm (defaults: the seed's hyperparameters, as in a2c_darkroom.py)
     num_envs: int = 10
     """number of parallel envs per agent (= streams per history)"""
@@ -95,7 +106,7 @@ class Args:
 
     # filled in at runtime
     num_updates: int = 0
-    """number of updates per agent (total_timesteps // (num_envs * num_steps))"""
+    """number of rollouts per agent: total_timesteps // (num_envs * num_steps) for a2c, enough for the history otherwise"""
     steps_per_stream: int = 0
     """transitions kept per env stream (history_len // num_envs)"""
 
@@ -113,7 +124,7 @@ def check_args(args: Args) -> None:
     if args.history_len < args.num_envs:
         raise SystemExit(f"error: --history-len {args.history_len} must be at least --num-envs {args.num_envs} (one step per stream)")
     steps_trained = args.total_timesteps // (args.num_envs * args.num_steps) * args.num_steps  # per env stream
-    if args.history_len // args.num_envs > steps_trained:
+    if args.source == "a2c" and args.history_len // args.num_envs > steps_trained:
         raise SystemExit(f"error: --history-len {args.history_len} is more than the {steps_trained * args.num_envs} env "
                          f"steps that --total-timesteps {args.total_timesteps} trains (whole updates of "
                          f"--num-envs x --num-steps)")
@@ -122,6 +133,11 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --num-train-tasks must be in 1..{num_goals - 1} (there are {num_goals} goals), got {args.num_train_tasks}")
     if not 0.0 <= args.gamma <= 1.0:
         raise SystemExit(f"error: --gamma must be in [0, 1], got {args.gamma}")
+    if args.noise_episodes <= 0:
+        raise SystemExit(f"error: --noise-episodes must be positive, got {args.noise_episodes}")
+    for name in ["noise_floor", "explorer_eps"]:
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
 
 
 def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, List[Tuple[int, int]]]:
@@ -209,6 +225,63 @@ class DarkRoomVectorEnv(gym.vector.VectorEnv):
         self.timestep = np.where(ended, 0, self.timestep + 1)
         infos = {"final_obs": next_state, "_final_obs": ended, "timestep": self.timestep}
         return self.state, at_goal.astype(np.float32), terminated, truncated, infos
+
+
+class ScriptedLearner:
+    """The `noise` and `explorer` sources for many env streams at once; each stream is one learner from scratch.
+
+    `noise` (AD-epsilon): the shortest path to the goal, with a random action instead at probability epsilon,
+    which falls linearly from 1 to `noise_floor` over the stream's first `noise_episodes` episodes.
+    `explorer`: knows the room, not the goal. It remembers the cells it has visited (across episodes), walks
+    to the nearest unvisited cell (random tie-breaks) until rewarded, then goes straight to the goal (and stays
+    there when the episode does not end on it); a random action at probability `explorer_eps`.
+    Randomness comes from one generator per agent, so a history does not depend on the tasks beside it.
+    """
+
+    def __init__(self, source: str, goal_states: np.ndarray, rngs, size: int, noise_episodes: int = 20,
+                 noise_floor: float = 0.0, explorer_eps: float = 0.1):
+        self.source, self.goal_states, self.rngs, self.size = source, goal_states, rngs, size
+        self.noise_episodes, self.noise_floor, self.explorer_eps = noise_episodes, noise_floor, explorer_eps
+        num_envs, num_states = len(goal_states), size * size
+        self.envs_per_rng = num_envs // len(rngs)
+        row, col = np.divmod(np.arange(num_states), size)
+        self.rowcol = np.stack([row, col], axis=1)  # (S, 2)
+        self.distance = np.abs(row[:, None] - row[None]) + np.abs(col[:, None] - col[None])  # (S, S) steps apart
+        self.visited = np.zeros((num_envs, num_states), dtype=bool)
+        self.visited[:, (size // 2) * size + size // 2] = True
+        self.known_goal = np.full(num_envs, -1)  # the cell where reward was found, -1 while unknown
+        self.episode = np.zeros(num_envs, dtype=np.int64)
+
+    def step_towards(self, states: np.ndarray, targets: np.ndarray, coin: np.ndarray) -> np.ndarray:
+        """An action that brings each state one step closer to its target (noop on it); `coin` picks the axis."""
+        d_row, d_col = np.sign(self.rowcol[targets] - self.rowcol[states]).T
+        vertical = np.where(d_row < 0, 1, 3)  # up, down
+        horizontal = np.where(d_col > 0, 2, 4)  # right, left
+        use_row = (d_row != 0) & ((d_col == 0) | (coin < 0.5))
+        return np.where(use_row, vertical, np.where(d_col != 0, horizontal, 0))
+
+    def act(self, states: np.ndarray) -> np.ndarray:
+        num_envs, num_states = self.visited.shape
+        # per env: 81 tie-break numbers, a noise draw, an axis coin, a random action
+        u = np.concatenate([rng.random((self.envs_per_rng, num_states + 3)) for rng in self.rngs])
+        if self.source == "noise":
+            targets = self.goal_states
+            eps = np.maximum(self.noise_floor, 1.0 - self.episode / self.noise_episodes)
+        else:
+            distance = self.distance[states] + 0.5 * u[:, :num_states]  # ties broken at random
+            distance[self.visited] = np.inf
+            nearest_unvisited = distance.argmin(1)
+            targets = np.where(self.known_goal >= 0, self.known_goal, nearest_unvisited)
+            eps = self.explorer_eps
+        actions = self.step_towards(states, targets, u[:, num_states + 1])
+        random_actions = np.minimum((u[:, num_states + 2] * NUM_ACTIONS).astype(np.int64), NUM_ACTIONS - 1)
+        return np.where(u[:, num_states] < eps, random_actions, actions)
+
+    def observe(self, next_states: np.ndarray, rewards: np.ndarray, ended: np.ndarray) -> None:
+        """Learn from one step: the cell reached (before any reset), its reward, whether the episode ended."""
+        self.visited[np.arange(len(next_states)), next_states] = True
+        self.known_goal = np.where(rewards > 0, next_states, self.known_goal)
+        self.episode += ended
 
 
 def layer_init(layer: nn.Linear, std: float) -> nn.Linear:
@@ -385,8 +458,11 @@ def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, goal
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    args.num_updates = args.total_timesteps // (args.num_envs * args.num_steps)
     args.steps_per_stream = args.history_len // args.num_envs
+    if args.source == "a2c":
+        args.num_updates = args.total_timesteps // (args.num_envs * args.num_steps)
+    else:  # nothing to train: just long enough for the history
+        args.num_updates = -(-args.steps_per_stream // args.num_steps)
     run_name = f"DarkRoom-{args.size}x{args.size}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
@@ -400,9 +476,13 @@ if __name__ == "__main__":
     split = make_split(args.size, args.num_train_tasks, args.split_seed)
     tasks = select_tasks(args.tasks, split, args.size)
     env_config = {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps}
-    algo_config = {key: getattr(args, key) for key in [
-        "num_envs", "num_steps", "learning_rate", "adam_eps", "hidden_size", "gamma", "ent_coef", "vf_coef",
-        "max_grad_norm", "history_len"]}
+    algo_keys = {
+        "a2c": ["num_envs", "num_steps", "learning_rate", "adam_eps", "hidden_size", "gamma", "ent_coef", "vf_coef",
+                "max_grad_norm", "history_len"],
+        "noise": ["num_envs", "noise_episodes", "noise_floor", "history_len"],
+        "explorer": ["num_envs", "explorer_eps", "history_len"],
+    }[args.source]
+    algo_config = {key: getattr(args, key) for key in algo_keys}
     tasks_json = {
         "format_version": FORMAT_VERSION,
         "split_seed": args.split_seed,
@@ -410,7 +490,7 @@ if __name__ == "__main__":
         "test": [list(goal) for goal in split["test"]],
         "env": env_config,
         "num_train_tasks": args.num_train_tasks,
-        "source": SOURCE,
+        "source": args.source,
         "seed": args.seed,
         "algo": algo_config,
     }
@@ -432,7 +512,7 @@ if __name__ == "__main__":
             "format_version": FORMAT_VERSION,
             "goal": list(goal),
             "split": part,
-            "source": SOURCE,
+            "source": args.source,
             "env": env_config,
             "algo": algo_config,
             "seed": args.seed,
@@ -475,9 +555,13 @@ if __name__ == "__main__":
     table_row = np.repeat(np.arange(A) * num_states, E)  # row of each env's agent's state 0 in a flattened (A * S) table
 
     seeds, rngs = zip(*[agent_seeds(args.seed, goal, args.size) for goal in goals])
-    agent = BatchedAgent(list(seeds), num_states, NUM_ACTIONS, args.hidden_size).to(device)
-    # the fused kernel does the same elementwise Adam step in one pass (7x faster than the default on CPU)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    if args.source == "a2c":
+        agent = BatchedAgent(list(seeds), num_states, NUM_ACTIONS, args.hidden_size).to(device)
+        # the fused kernel does the same elementwise Adam step in one pass (7x faster than the default on CPU)
+        optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    else:
+        learner = ScriptedLearner(args.source, envs.goal_states, rngs, args.size, args.noise_episodes,
+                                  args.noise_floor, args.explorer_eps)
 
     # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table)
     obs = np.zeros((T, N), dtype=np.int64)
@@ -507,24 +591,30 @@ if __name__ == "__main__":
     next_timestep = info["timestep"]
 
     try:
-        progress = trange(1, args.num_updates + 1, desc=f"a2c x{A}", unit="update", mininterval=1.0)
+        progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{A}", unit="update", mininterval=1.0)
         for update in progress:
-            # the whole policy and value tables, once per rollout: parameters do not change during a rollout,
-            # so sampling every action from them is exact; the graph is kept for the loss
-            logits, values = agent.tables()
-            with torch.no_grad():
-                cdf = torch.softmax(logits.double(), dim=1).cumsum(1)[:, :-1]  # (A, K - 1, S)
-                cdf = cdf.transpose(1, 2).reshape(A * num_states, -1).cpu().numpy()  # row a * S + s
-                value_table = values.reshape(-1).cpu().numpy()
-            # one uniform per action, from each agent's own generator
-            uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, N)
+            if args.source == "a2c":
+                # the whole policy and value tables, once per rollout: parameters do not change during a rollout,
+                # so sampling every action from them is exact; the graph is kept for the loss
+                logits, values = agent.tables()
+                with torch.no_grad():
+                    cdf = torch.softmax(logits.double(), dim=1).cumsum(1)[:, :-1]  # (A, K - 1, S)
+                    cdf = cdf.transpose(1, 2).reshape(A * num_states, -1).cpu().numpy()  # row a * S + s
+                    value_table = values.reshape(-1).cpu().numpy()
+                # one uniform per action, from each agent's own generator
+                uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, N)
 
             for step in range(T):
                 obs[step] = next_obs
                 timesteps[step] = next_timestep
-                # inverse-CDF sampling from each env's row of its agent's table
-                action = (cdf[table_row + next_obs] <= uniforms[step, :, None]).sum(1)
+                if args.source == "a2c":
+                    # inverse-CDF sampling from each env's row of its agent's table
+                    action = (cdf[table_row + next_obs] <= uniforms[step, :, None]).sum(1)
+                else:
+                    action = learner.act(next_obs)
                 next_obs, reward, terminated, truncated, info = envs.step(action)
+                if args.source != "a2c":
+                    learner.observe(info["final_obs"], reward, terminated | truncated)
                 actions[step] = action
                 rewards[step] = reward
                 terminateds[step] = terminated
@@ -548,14 +638,16 @@ if __name__ == "__main__":
                     history[key][t0:t0 + n] = array[:n]
             global_step += E * T
 
-            # ALGO LOGIC: n-step returns, bootstrapped from the critic's table
-            next_values = torch.from_numpy(value_table[table_row + next_obs_true])
-            returns = nstep_returns(torch.from_numpy(rewards), torch.from_numpy(terminateds),
-                                    torch.from_numpy(truncateds), next_values, args.gamma)
-            pg_loss, v_loss, entropy_loss, grad_norm = a2c_update(
-                agent, optimizer, logits, values, per_agent(torch.from_numpy(obs)), per_agent(torch.from_numpy(actions)),
-                per_agent(returns), args.ent_coef, args.vf_coef, args.max_grad_norm,
-            )
+            if args.source == "a2c":
+                # ALGO LOGIC: n-step returns, bootstrapped from the critic's table
+                next_values = torch.from_numpy(value_table[table_row + next_obs_true])
+                returns = nstep_returns(torch.from_numpy(rewards), torch.from_numpy(terminateds),
+                                        torch.from_numpy(truncateds), next_values, args.gamma)
+                pg_loss, v_loss, entropy_loss, grad_norm = a2c_update(
+                    agent, optimizer, logits, values, per_agent(torch.from_numpy(obs)),
+                    per_agent(torch.from_numpy(actions)), per_agent(returns), args.ent_coef, args.vf_coef,
+                    args.max_grad_norm,
+                )
 
             if global_step // E >= args.steps_per_stream and written == 0:
                 for i, (goal, part) in enumerate(todo):
@@ -578,10 +670,11 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/success_rate_max", success.max(), global_step)
                 writer.add_scalar("charts/episodes", agent_episodes.mean(), global_step)
                 writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("losses/policy_loss", pg_loss.mean().item(), global_step)
-                writer.add_scalar("losses/value_loss", v_loss.mean().item(), global_step)
-                writer.add_scalar("losses/entropy", entropy_loss.mean().item(), global_step)
-                writer.add_scalar("losses/grad_norm", grad_norm.mean().item(), global_step)
+                if args.source == "a2c":
+                    writer.add_scalar("losses/policy_loss", pg_loss.mean().item(), global_step)
+                    writer.add_scalar("losses/value_loss", v_loss.mean().item(), global_step)
+                    writer.add_scalar("losses/entropy", entropy_loss.mean().item(), global_step)
+                    writer.add_scalar("losses/grad_norm", grad_norm.mean().item(), global_step)
                 progress.set_postfix(step=global_step, sps=sps, success=f"{success.mean():.2f}")
     except KeyboardInterrupt:
         writer.close()
@@ -591,7 +684,8 @@ if __name__ == "__main__":
 
     elapsed = time.time() - start_time
     writer.close()
-    torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f"runs/{run_name}/agents.pt")
+    if args.source == "a2c":
+        torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f"runs/{run_name}/agents.pt")
 
     # learning curves of this run's agents, next to the histories
     name = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in ("train", "test", "all") else "custom"
@@ -601,10 +695,10 @@ if __name__ == "__main__":
     curves_path = os.path.join(args.histories_dir, f"learning_curves_{name}")
     write_atomic(curves_path + ".json", lambda f: f.write(json.dumps(curves).encode()))
     plot_learning_curves(curves_path + ".png", steps, success, goals,
-                         f"A2C on DarkRoom {args.size}x{args.size}: {A} agents ({name} tasks)", args.steps_per_stream * args.num_envs)
+                         f"{args.source} on DarkRoom {args.size}x{args.size}: {A} agents ({name} tasks)", args.steps_per_stream * args.num_envs)
     mean = success.mean(1)
     above = np.flatnonzero(mean >= 0.9)
     print(f"{A} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * A / elapsed)} env steps/s); "
           f"final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 from "
           f"{steps[above[0]] if len(above) else 'never'} env steps per agent")
-    print(f"histories in {args.histories_dir}/, learning curves in {curves_path}.png, agents in runs/{run_name}/agents.pt")
+    print(f"histories in {args.histories_dir}/, learning curves in {curves_path}.png, TensorBoard in runs/{run_name}/")

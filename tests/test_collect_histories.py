@@ -465,3 +465,84 @@ def test_select_tasks_and_split():
     goal = split["test"][0]
     chosen = dict(ch.select_tasks((f"{goal[0]},{goal[1]}", "train"), split, 9))
     assert chosen[goal] == "test" and len(chosen) == 58
+
+
+# ---------------------------------------------------------------------------------------------- scripted sources (issue 9)
+
+
+def episodes_of(arrays, stream):
+    """(length, success) of every whole episode of one stream, in order."""
+    ends = np.flatnonzero(arrays["terminated"][stream] | arrays["truncated"][stream])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [(e - s + 1, bool(arrays["rewards"][stream, s:e + 1].any())) for s, e in zip(starts, ends)]
+
+
+def test_noise_source_schedule_and_dynamics(tmp_path):
+    out = tmp_path / "h"
+    args = ["--histories-dir", str(out), "--source", "noise", "--noise-episodes", "4", "--num-envs", "40",
+            "--history-len", "8000", "--tasks", "0,0", "3,4", "8,5"]
+    assert run_in_process(tmp_path, *args) == 0
+    for path in glob.glob(str(out / "*" / "*.npz")):
+        arrays, meta = load(path)
+        check_dynamics(arrays, meta)
+        assert meta["source"] == "noise" and meta["algo"] == {"num_envs": 40, "noise_episodes": 4, "noise_floor": 0.0,
+                                                               "history_len": 8000}
+        distance = abs(meta["goal"][0] - 4) + abs(meta["goal"][1] - 4)
+        first, later = [], []
+        for stream in range(40):
+            episodes = episodes_of(arrays, stream)
+            first.append(episodes[0][1])
+            # epsilon reaches the floor (0) after 4 episodes: from then on, the shortest path every time
+            assert all(length == distance and success for length, success in episodes[4:])
+            later += [success for _, success in episodes[1:4]]
+        # episode 1 is a random walk (epsilon 1), episodes 2-4 mix: success rises with the schedule
+        assert np.mean(first) < np.mean(later) < 1.0
+
+
+def test_explorer_source_finds_then_exploits(tmp_path):
+    out = tmp_path / "h"
+    args = ["--histories-dir", str(out), "--source", "explorer", "--explorer-eps", "0", "--num-envs", "20",
+            "--history-len", "4000", "--tasks", "all"]
+    assert run_in_process(tmp_path, *args) == 0
+    first_success = []
+    for path in glob.glob(str(out / "*" / "*.npz")):
+        arrays, meta = load(path)
+        check_dynamics(arrays, meta)
+        distance = abs(meta["goal"][0] - 4) + abs(meta["goal"][1] - 4)
+        for stream in range(20):
+            episodes = episodes_of(arrays, stream)
+            k = next(i for i, (_, success) in enumerate(episodes) if success)
+            first_success.append(k + 1)
+            # once rewarded it goes straight back: every later episode is a shortest path
+            assert all(length == distance and success for length, success in episodes[k + 1:])
+            # before that it sweeps the room: no episode wanders without reaching a new cell
+            t, seen = 0, {40}
+            for length, _ in episodes[:k]:
+                new = set(arrays["next_states"][stream, t:t + length].tolist()) - seen
+                assert new, "an exploring episode found no unvisited cell"
+                seen |= new
+                t += length
+    # each 20-step episode from the centre reaches at least 12 new cells (at most 8 steps to the nearest
+    # unvisited one) until the 80 cells are done: the goal is found by episode 7 at the latest
+    assert max(first_success) <= 7 and 1.5 < np.mean(first_success) < 4
+
+
+def test_scripted_source_is_reproducible_and_independent_of_other_tasks(tmp_path):
+    common = ["--source", "explorer", "--num-envs", "5", "--history-len", "500"]
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "a"), "--tasks", "0,0", "2,6", *common) == 0
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "b"), "--tasks", "2,6", *common) == 0
+    a, _ = load(tmp_path / "a" / "train" / "goal_2_6.npz")
+    b, _ = load(tmp_path / "b" / "train" / "goal_2_6.npz")
+    for key in ch.HISTORY_KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert 0 < a["actions"].std()  # random actions (10%) and tie-breaks were drawn
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "noise", "--noise-episodes", "0"], "--noise-episodes must be positive"),
+    (["--source", "explorer", "--explorer-eps", "1.5"], "--explorer-eps must be in [0, 1]"),
+])
+def test_scripted_source_bad_input(tmp_path, capsys, args, message):
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "h"), *args) != 0
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "h")
