@@ -1,0 +1,358 @@
+"""Tests of ad_dt.py: data checks and pace, the window sampler, the KV cache, the eval env, and a tiny end-to-end run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from toymeta.dark_room import DarkRoom
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import ad_dt  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation (and CI machines are shared)
+
+ENV = {"size": 9, "terminate_on_goal": True, "max_episode_steps": 20}
+TRAIN_GOALS = [[1, 2], [6, 7], [3, 3], [8, 0]]
+TEST_GOALS = [[4, 5], [2, 6], [7, 1]]
+
+
+# a tiny collection: a shortest-path policy whose action noise decays over the episodes, so it learns
+def shortest_path_action(pos, goal):
+    if pos[0] > goal[0]:
+        return 1  # up
+    if pos[0] < goal[0]:
+        return 3  # down
+    if pos[1] < goal[1]:
+        return 2  # right
+    if pos[1] > goal[1]:
+        return 4  # left
+    return 0
+
+
+def collect_history(goal, num_streams, steps, seed, env_config=ENV):
+    rng = np.random.default_rng(seed)
+    keys = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
+    out = {key: np.zeros((num_streams, steps), dtype=bool if key in ("terminated", "truncated") else np.uint8) for key in keys}
+    for s in range(num_streams):
+        env = gym.wrappers.TimeLimit(
+            DarkRoom(size=env_config["size"], goal=goal, random_start=False, terminate_on_goal=env_config["terminate_on_goal"]),
+            max_episode_steps=env_config["max_episode_steps"],
+        )
+        state, _ = env.reset(seed=seed + s)
+        episode, timestep = 0, 0
+        for t in range(steps):
+            epsilon = max(0.05, 1.0 - episode / 10)
+            pos = divmod(state, env_config["size"])
+            action = int(rng.integers(5)) if rng.random() < epsilon else shortest_path_action(pos, goal)
+            next_state, reward, terminated, truncated, _ = env.step(action)
+            truncated = truncated and not terminated
+            for key, value in zip(keys, (state, action, reward, next_state, terminated, truncated, timestep)):
+                out[key][s, t] = value
+            state, timestep = next_state, timestep + 1
+            if terminated or truncated:
+                state, _ = env.reset()
+                episode, timestep = episode + 1, 0
+    return out
+
+
+def write_collection(root, train_goals=TRAIN_GOALS, test_goals=TEST_GOALS, num_streams=2, steps=300, env_config=ENV):
+    root = Path(root)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    tasks = {"format_version": 1, "split_seed": 0, "train": train_goals, "test": test_goals, "env": env_config}
+    (root / "tasks.json").write_text(json.dumps(tasks))
+    for i, goal in enumerate(train_goals):
+        write_history(root / "train" / f"goal_{goal[0]}_{goal[1]}.npz", goal, "train", num_streams, steps, seed=100 * i, env_config=env_config)
+    return root
+
+
+def write_history(path, goal, split, num_streams, steps, seed, format_version=1, env_config=ENV):
+    arrays = collect_history(goal, num_streams, steps, seed, env_config)
+    meta = {
+        "format_version": format_version, "goal": goal, "split": split, "source": "test", "env": env_config, "algo": {},
+        "seed": seed, "num_streams": num_streams, "steps_per_stream": steps, "versions": {},
+    }
+    np.savez_compressed(path, metadata=np.array(json.dumps(meta)), **arrays)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    return write_collection(tmp_path_factory.mktemp("histories"))
+
+
+def make_model(layout, seq_len, seed=0, std=0.3):
+    """A random model with weights large enough that logits depend strongly on the context."""
+    torch.manual_seed(seed)
+    config = ad_dt.GPTConfig(seq_len=seq_len, layout=layout, embedding_dim=32, num_layers=2, num_heads=4, feed_forward_dim=64)
+    model = ad_dt.ADTransformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def stream_inputs(result, rows, columns):
+    """Model inputs for transitions `columns` of the envs `rows`, from an evaluation trajectory, built from scratch."""
+    prev_actions = np.concatenate([np.full((len(result["actions"]), 1), ad_dt.NO_ACTION), result["actions"][:, :-1]], axis=1)
+    prev_rewards = np.concatenate([np.full((len(result["rewards"]), 1), ad_dt.NO_REWARD), result["rewards"][:, :-1]], axis=1)
+    arrays = (result["states"], prev_actions, prev_rewards.astype(np.int64), result["timesteps"])
+    return [torch.as_tensor(a[rows][:, columns].astype(np.int64)) for a in arrays]
+
+
+# data
+def test_missing_histories_dir_says_run_collect_first(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ad_dt.py"), "--histories-dir", str(tmp_path / "nope")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "collect_histories.py" in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()  # wrote nothing
+
+
+def test_empty_train_dir_is_an_error(tmp_path):
+    write_collection(tmp_path, train_goals=[])
+    with pytest.raises(SystemExit, match="collect_histories.py"):
+        ad_dt.load_histories(tmp_path)
+
+
+def test_test_task_history_among_training_files_is_refused(tmp_path):
+    root = write_collection(tmp_path, steps=40)
+    bad = root / "train" / "goal_2_6.npz"
+    write_history(bad, [2, 6], "test", 1, 40, seed=1)
+    with pytest.raises(SystemExit, match=r"goal_2_6\.npz.*test task"):
+        ad_dt.load_histories(root)
+    # a file that lies about its split is caught by its goal
+    write_history(bad, [2, 6], "train", 1, 40, seed=1)
+    with pytest.raises(SystemExit, match=r"goal_2_6\.npz.*test task"):
+        ad_dt.load_histories(root)
+
+
+def test_wrong_format_version_and_env_are_refused(tmp_path):
+    root = write_collection(tmp_path, steps=40)
+    ad_dt.load_histories(root)  # the good collection loads
+    write_history(root / "train" / "goal_1_2.npz", [1, 2], "train", 1, 40, seed=1, format_version=2)
+    with pytest.raises(SystemExit, match=r"goal_1_2\.npz has format_version 2"):
+        ad_dt.load_histories(root)
+    write_history(root / "train" / "goal_1_2.npz", [1, 2], "train", 1, 40, seed=1, env_config={**ENV, "max_episode_steps": 30})
+    with pytest.raises(SystemExit, match=r"goal_1_2\.npz was collected with env"):
+        ad_dt.load_histories(root)
+
+
+def test_previous_action_and_reward_cross_episode_boundaries(collection):
+    _, histories = ad_dt.load_histories(collection)
+    data = ad_dt.make_dataset(histories)
+    h = histories[0]
+    n = h["states"].shape[1]
+    # stream 0 of agent 0 is rows 0..n of the table
+    assert data["prev_actions"][0] == ad_dt.NO_ACTION and data["prev_rewards"][0] == ad_dt.NO_REWARD
+    np.testing.assert_array_equal(data["prev_actions"][1:n], h["actions"][0, :-1])
+    np.testing.assert_array_equal(data["prev_rewards"][1:n], h["rewards"][0, :-1])
+    # the reward 1 that ended an episode is shown by the first transition of the next one
+    ends = np.flatnonzero(h["terminated"][0, :-1])
+    assert len(ends) > 0 and (data["prev_rewards"][ends + 1] == 1).all() and (data["timesteps"][ends + 1] == 0).all()
+    # the next stream starts with no previous transition
+    assert data["prev_actions"][n] == ad_dt.NO_ACTION and data["prev_rewards"][n] == ad_dt.NO_REWARD
+
+
+def test_pace_keeps_every_kth_episode_and_cuts_history(collection):
+    _, histories = ad_dt.load_histories(collection)
+    h = histories[0]
+    data = ad_dt.make_dataset(histories[:1], history_len=2 * 200, keep_every=3)
+    done = (h["terminated"] | h["truncated"])[0, :200]
+    episodes = np.split(np.arange(200), np.flatnonzero(done) + 1)
+    kept = np.concatenate([e for i, e in enumerate(episodes) if i % 3 == 0])
+    stream0 = slice(data["offsets"][0], data["offsets"][1])
+    np.testing.assert_array_equal(data["states"][stream0], h["states"][0, kept])
+    np.testing.assert_array_equal(data["actions"][stream0], h["actions"][0, kept])
+    # the previous action of a kept episode's first step is the last action of the kept episode before it
+    np.testing.assert_array_equal(data["prev_actions"][stream0][1:], h["actions"][0, kept][:-1])
+    assert len(data["offsets"]) == 3  # two streams
+
+
+def test_sampler_stays_inside_one_stream_and_positions_are_env_timesteps():
+    # streams of different lengths, each made of a single state value: a window that crossed a boundary would mix values
+    rng = np.random.default_rng(0)
+    lengths = [5, 40, 9, 23, 70]
+    histories = []
+    for i, length in enumerate(lengths):
+        done = rng.random((1, length)) < 0.2
+        timesteps = np.zeros((1, length), np.uint8)
+        for t in range(1, length):
+            timesteps[0, t] = 0 if done[0, t - 1] else timesteps[0, t - 1] + 1
+        histories.append({
+            "states": np.full((1, length), i, np.uint8), "actions": rng.integers(0, 5, (1, length)).astype(np.uint8),
+            "rewards": np.zeros((1, length), np.uint8), "terminated": done, "truncated": np.zeros_like(done), "timesteps": timesteps,
+        })
+    data = ad_dt.make_dataset(histories)
+    seq_len, seen = 9, set()
+    for _ in range(50):
+        batch, starts = ad_dt.sample_windows(data, 64, seq_len, rng)
+        for b, start in enumerate(starts):
+            stream = int(batch["states"][b, 0])
+            assert (batch["states"][b] == stream).all()
+            assert data["offsets"][stream] <= start and start + seq_len <= data["offsets"][stream + 1]
+            h, offset = histories[stream], start - data["offsets"][stream]
+            np.testing.assert_array_equal(batch["timesteps"][b].numpy(), h["timesteps"][0, offset : offset + seq_len])
+            np.testing.assert_array_equal(batch["actions"][b].numpy(), h["actions"][0, offset : offset + seq_len])
+            expected_prev = h["actions"][0, offset - 1] if offset > 0 else ad_dt.NO_ACTION  # mid-stream: the real previous action
+            assert batch["prev_actions"][b, 0] == expected_prev
+            seen.add((stream, int(offset)))
+    # every window of every long-enough stream is reachable, and nothing else
+    assert seen == {(i, o) for i, n in enumerate(lengths) for o in range(n - seq_len + 1)}
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    args = ad_dt.Args(learning_rate=1e-3, min_lr=1e-5, warmup_steps=10, num_updates=110)
+    lrs = [args.learning_rate * ad_dt.lr_factor(u, args) for u in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:110], lrs[10:110]))
+    assert lrs[60] == pytest.approx((1e-3 + 1e-5) / 2) and lrs[115] == pytest.approx(1e-5)
+
+
+# evaluation
+def test_batch_darkroom_matches_toymeta_under_timelimit():
+    rng = np.random.default_rng(0)
+    goals = [[r, c] for r in range(9) for c in range(9) if (r, c) != (4, 4)]
+    for terminate in (True, False):
+        room = ad_dt.BatchDarkRoom(goals, 9, terminate, 7)
+        envs = [gym.wrappers.TimeLimit(DarkRoom(9, goal=g, random_start=False, terminate_on_goal=terminate), 7) for g in goals]
+        states = room.reset()
+        expected = [env.reset()[0] for env in envs]
+        np.testing.assert_array_equal(states, expected)
+        dones = 0
+        for _ in range(60):
+            actions = rng.integers(0, 5, len(goals))
+            states, rewards, terminated, truncated = room.step(actions)
+            for i, env in enumerate(envs):
+                state, reward, term, trunc, _ = env.step(int(actions[i]))
+                assert (rewards[i], terminated[i], truncated[i] or terminated[i]) == (reward, term, trunc or term)
+                if term or trunc:
+                    state, _ = env.reset()
+                    dones += 1
+                assert states[i] == state
+        assert dones > len(goals)
+
+
+@pytest.mark.parametrize("layout", ["one", "three"])
+def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout):
+    seq_len = 8
+    model = make_model(layout, seq_len)
+    # goals next to the start: the random policy ends episodes early, at different steps in different envs
+    goals = [[3, 4], [4, 5], [5, 4], [4, 3], [0, 0]]
+    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3)
+    steps = result["states"].shape[1]
+    assert steps > 2 * seq_len  # several re-prefills
+    ends = [set(np.flatnonzero(result["timesteps"][i, 1:] == 0)) for i in range(len(result["states"]))]
+    assert len({frozenset(e) for e in ends}) > 3 and result["successes"].any()
+
+    # the documented context rule, computed here from scratch: it grows to seq_len, then drops to the last seq_len // 2
+    n, max_abs_error = 0, 0.0
+    rows = np.arange(len(result["states"]))
+    for t in range(steps):
+        n = seq_len // 2 if n == seq_len else n + 1
+        with torch.no_grad():
+            expected = model(*stream_inputs(result, rows, np.arange(t - n + 1, t + 1)))[:, -1]
+        torch.testing.assert_close(torch.as_tensor(result["logits"][:, t]), expected, atol=1e-5, rtol=0)
+        # a context that ignored the drop (sliding window) would give other logits: the check can fail
+        if t >= seq_len and n < seq_len:
+            with torch.no_grad():
+                sliding = model(*stream_inputs(result, rows, np.arange(t - seq_len + 1, t + 1)))[:, -1]
+            max_abs_error = max(max_abs_error, float((sliding - expected).abs().max()))
+    assert max_abs_error > 1e-2
+
+    # recomputing the window every step (the benchmark's baseline) takes the same actions
+    recomputed = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, use_cache=False)
+    np.testing.assert_array_equal(recomputed["actions"], result["actions"])
+    np.testing.assert_allclose(recomputed["logits"], result["logits"], atol=1e-5, rtol=0)
+
+
+def test_evaluation_follows_the_env_and_counts_whole_episodes():
+    model = make_model("one", 8)
+    goals = [[3, 4], [4, 5], [0, 8]]
+    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=3, seed=0)
+    assert result["returns"].shape == result["successes"].shape == (6, 3)
+    for i, goal in enumerate(np.repeat(goals, 2, axis=0)):
+        env = gym.wrappers.TimeLimit(DarkRoom(9, goal=goal, random_start=False, terminate_on_goal=True), 20)
+        state, _ = env.reset()
+        returns, episode_return, timestep = [], 0.0, 0
+        for t in range(result["states"].shape[1]):
+            assert (result["states"][i, t], result["timesteps"][i, t]) == (state, timestep)
+            state, reward, term, trunc, _ = env.step(int(result["actions"][i, t]))
+            assert result["rewards"][i, t] == reward
+            episode_return, timestep = episode_return + reward, timestep + 1
+            if term or trunc:
+                returns.append(episode_return)
+                state, _ = env.reset()
+                episode_return, timestep = 0.0, 0
+        np.testing.assert_array_equal(result["returns"][i], returns[:3])
+        assert len(returns) >= 3
+    assert result["lengths"].min() >= 1 and result["lengths"].max() <= 20
+    # the run stops as soon as the slowest env has finished its episodes
+    assert (result["lengths"].sum(1) == result["states"].shape[1]).any()
+
+
+# end to end
+def run_script(cwd, *flags):
+    proc = subprocess.run([sys.executable, str(ROOT / "ad_dt.py"), *flags], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_tiny_run_trains_evaluates_checkpoints_resumes_and_reloads(collection, tmp_path):
+    tiny = [
+        "--histories-dir", str(collection), "--seq-len", "16", "--embedding-dim", "16", "--num-layers", "1", "--num-heads", "2",
+        "--feed-forward-dim", "32", "--batch-size", "4", "--warmup-steps", "2", "--eval-every", "3", "--eval-episodes", "3",
+        "--eval-seeds", "2", "--checkpoint-every", "3", "--attention-dropout", "0.1", "--layout", "three", "--num-threads", "1",
+    ]
+    run_script(tmp_path, *tiny, "--num-updates", "6")
+    (run_dir,) = (tmp_path / "runs").glob("ad_dt__1__*")
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["ad_dt_000003.pt", "ad_dt_000006.pt"]
+    straight = torch.load(run_dir / "ad_dt_000006.pt", weights_only=True)
+    first_half = torch.load(run_dir / "ad_dt_000003.pt", weights_only=True)
+    assert first_half["update"] == 3 and straight["update"] == 6 and straight["args"]["layout"] == "three"
+
+    # resume from the middle: only --num-threads is given again, every other argument comes from the checkpoint
+    (run_dir / "ad_dt_000006.pt").unlink()
+    run_script(tmp_path, "--resume", str(run_dir / "ad_dt_000003.pt"), "--num-threads", "1")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
+    resumed = torch.load(run_dir / "ad_dt_000006.pt", weights_only=True)
+    assert resumed["update"] == 6 and resumed["args"]["layout"] == "three"
+    for key, value in straight["model"].items():  # 3 + 3 updates == 6 updates, bit for bit
+        torch.testing.assert_close(resumed["model"][key], value, atol=0, rtol=0)
+    assert any((first_half["model"][k] != v).any() for k, v in resumed["model"].items())  # and it did train
+
+    # a resume that would change the model is refused, in one line
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ad_dt.py"), "--resume", str(run_dir / "ad_dt_000003.pt"), "--layout", "one"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [f"error: the model flags differ from those saved in {run_dir / 'ad_dt_000003.pt'}; leave them out to resume"]
+
+    # another script rebuilds the model from the checkpoint alone and evaluates it
+    model, checkpoint = ad_dt.load_checkpoint(run_dir / "ad_dt_000006.pt")
+    assert model.config.layout == "three" and model.config.seq_len == 16
+    result = ad_dt.evaluate_in_context(model, checkpoint["tasks"]["test"], checkpoint["tasks"]["env"], 2, 3, seed=1)
+    assert result["returns"].shape == (2 * len(TEST_GOALS), 3)
+
+    # TensorBoard: the documented tags, with the update number as step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # (the resumed run wrote its events into the same run, replacing what came after its checkpoint)
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"losses/action_loss", "charts/learning_rate", "charts/tokens_per_sec"} <= scalars
+    for tag in ("eval/first_episode_return", "eval/last_episode_return", "eval/last10_return", "eval/success_rate"):
+        assert [e.step for e in events.Scalars(tag)] == [3, 6]
+    assert [e.step for e in events.Scalars("losses/action_loss")] == list(range(1, 7))
+    assert [e.value for e in events.Scalars("charts/learning_rate")][:2] == pytest.approx([5e-4, 1e-3])
+    assert "eval/return_by_episode" in events.Tags()["images"]
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "ad_dt.py"), "--resume", str(tmp_path / "x.pt")], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1 and "x.pt" in proc.stderr
