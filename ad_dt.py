@@ -91,6 +91,10 @@ class Args:
     """envs per held-out goal (all goals x seeds run as one batch)"""
     eval_greedy: bool = False
     """if toggled, act greedily instead of sampling from the policy (greedy decoding cannot explore)"""
+    eval_train_goals: bool = True
+    """also evaluate on the training goals (one env each; `eval_train/` tags): held-out far below training = memorised goals"""
+    diagnostic_windows: int = 64
+    """windows of training and of held-out (histories/test, if collected) histories for the teacher-forced `diagnostics/` losses"""
 
     # Checkpoints
     checkpoint_every: int = 500
@@ -107,11 +111,15 @@ HISTORY_KEYS = ("states", "actions", "rewards", "terminated", "truncated", "time
 
 
 # data: load and validate the histories, change their pace, sample windows
-def load_histories(histories_dir):
-    """Return (tasks.json contents, list of per-agent arrays) of the training histories; bad input exits with one line."""
+def load_histories(histories_dir, split="train"):
+    """Return (tasks.json contents, list of per-agent arrays) of the histories of one split; bad input exits with one line.
+
+    split "train": the training data. split "test": the held-out tasks' histories, read only to measure the
+    teacher-forced loss on them (a diagnostic of copying vs learning); an absent `test/` gives an empty list.
+    """
     root = Path(histories_dir)
-    files = sorted((root / "train").glob("*.npz"))
-    if not (root / "tasks.json").is_file() or not files:
+    files = sorted((root / split).glob("*.npz"))
+    if not (root / "tasks.json").is_file() or (not files and split == "train"):
         raise SystemExit(f"error: no training histories in {root}/train: run `python collect_histories.py` first")
     try:
         tasks = json.loads((root / "tasks.json").read_text())
@@ -132,9 +140,12 @@ def load_histories(histories_dir):
         goal = tuple(meta.get("goal", ()))
         if meta.get("format_version") != FORMAT_VERSION:
             raise SystemExit(f"error: {path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        if meta.get("split") != "train" or goal in test_goals:
+        if split == "test":
+            if meta.get("split") != "test" or goal not in test_goals:
+                raise SystemExit(f"error: {path} is not a history of a held-out test task in {root}/tasks.json")
+        elif meta.get("split") != "train" or goal in test_goals:
             raise SystemExit(f"error: {path} is a history of the held-out test task {list(goal)}: test tasks are never training data")
-        if goal not in train_goals:
+        elif goal not in train_goals:
             raise SystemExit(f"error: {path} has goal {list(goal)}, which is not a training task in {root}/tasks.json")
         if meta.get("env") != tasks["env"]:
             raise SystemExit(f"error: {path} was collected with env {meta.get('env')}, but {root}/tasks.json says {tasks['env']}")
@@ -470,14 +481,35 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
 
 
 def summarize_evaluation(result):
-    """Scalars of one evaluation, averaged over envs (the TensorBoard `eval/` tags)."""
-    returns = result["returns"]  # [envs, episodes]
+    """Scalars of one evaluation, averaged over envs (the TensorBoard `eval/` tags).
+
+    Besides returns and success, three signs of learning vs copying: `success_after_success` (success rate
+    in the episode right after a successful one: does the model go back to a goal it found?),
+    `first_success_episode` (1-based, mean over the envs that ever succeed) and `never_succeeded` (fraction of envs).
+    """
+    returns, successes = result["returns"], result["successes"]  # [envs, episodes]
+    after = successes[:, 1:][successes[:, :-1]]
+    ever = successes.any(1)
     return {
         "first_episode_return": float(returns[:, 0].mean()),
         "last_episode_return": float(returns[:, -1].mean()),
         "last10_return": float(returns[:, -10:].mean()),
-        "success_rate": float(result["successes"].mean()),
+        "success_rate": float(successes.mean()),
+        "success_after_success": float(after.mean()) if after.size else 0.0,
+        "first_success_episode": float(successes[ever].argmax(1).mean() + 1) if ever.any() else float("nan"),
+        "never_succeeded": float(1 - ever.mean()),
     }
+
+
+@torch.no_grad()
+def teacher_forced_loss(model, batch):
+    """Mean cross-entropy of the actions of fixed windows, in eval mode: compare it on training and held-out
+    tasks' histories (a model that learned the algorithm, not the goals, has about the same loss on both)."""
+    was_training = model.training
+    model.eval()
+    logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
+    model.train(was_training)
+    return F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1)).item()
 
 
 def plot_by_episode(result, title):
@@ -517,6 +549,7 @@ if __name__ == "__main__":
     if args.seq_len < 2 or args.keep_every < 1 or args.eval_episodes < 1 or args.embedding_dim % args.num_heads:
         raise SystemExit("error: need --seq-len >= 2, --keep-every >= 1, --eval-episodes >= 1, --embedding-dim divisible by --num-heads")
     tasks, histories = load_histories(args.histories_dir)
+    _, test_histories = load_histories(args.histories_dir, "test")
     data = make_dataset(histories, args.history_len, args.keep_every)
     del histories
     if np.diff(data["offsets"]).max() < args.seq_len:
@@ -531,6 +564,19 @@ if __name__ == "__main__":
     torch.set_num_threads(args.num_threads)
     rng = np.random.default_rng(args.seed)  # window sampling
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # fixed windows for the teacher-forced diagnostics: training tasks, and held-out tasks where collected
+    # (`collect_histories.py --tasks test`); their own generator leaves the training stream of windows as it was
+    diagnostic_rng = np.random.default_rng(args.seed + 1)
+    diagnostic_data = {"train": data}
+    if test_histories:
+        diagnostic_data["heldout"] = make_dataset(test_histories, args.history_len, args.keep_every)
+    del test_histories
+    diagnostic_batches = {}
+    for name, d in diagnostic_data.items():
+        if np.diff(d["offsets"]).max() >= args.seq_len:
+            batch, _ = sample_windows(d, args.diagnostic_windows, args.seq_len, diagnostic_rng)
+            diagnostic_batches[name] = {key: value.to(device) for key, value in batch.items()}
 
     # model and optimizer
     config = GPTConfig(
@@ -621,7 +667,16 @@ if __name__ == "__main__":
             for key, value in summary.items():
                 writer.add_scalar(f"eval/{key}", value, step)
             writer.add_figure("eval/return_by_episode", plot_by_episode(result, f"held-out goals, update {step}"), step)
-            progress.write(f"update {step}: " + ", ".join(f"{key} {value:.3f}" for key, value in summary.items()))
+            for name, batch in diagnostic_batches.items():
+                writer.add_scalar(f"diagnostics/{name}_action_loss", teacher_forced_loss(model, batch), step)
+            line = f"update {step}: held-out " + ", ".join(f"{key} {value:.3f}" for key, value in summary.items())
+            if args.eval_train_goals:
+                train_result = evaluate_in_context(model, tasks["train"], env, 1, args.eval_episodes, args.eval_greedy, args.seed)
+                train_summary = summarize_evaluation(train_result)
+                for key, value in train_summary.items():
+                    writer.add_scalar(f"eval_train/{key}", value, step)
+                line += f"; training goals success_rate {train_summary['success_rate']:.3f}"
+            progress.write(line)
         if step % args.checkpoint_every == 0 or step == args.num_updates:
             path = save_checkpoint(step)
     writer.close()

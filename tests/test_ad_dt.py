@@ -60,13 +60,17 @@ def collect_history(goal, num_streams, steps, seed, env_config=ENV):
     return out
 
 
-def write_collection(root, train_goals=TRAIN_GOALS, test_goals=TEST_GOALS, num_streams=2, steps=300, env_config=ENV):
+def write_collection(root, train_goals=TRAIN_GOALS, test_goals=TEST_GOALS, num_streams=2, steps=300, env_config=ENV, with_test=True):
     root = Path(root)
     (root / "train").mkdir(parents=True, exist_ok=True)
     tasks = {"format_version": 1, "split_seed": 0, "train": train_goals, "test": test_goals, "env": env_config}
     (root / "tasks.json").write_text(json.dumps(tasks))
     for i, goal in enumerate(train_goals):
         write_history(root / "train" / f"goal_{goal[0]}_{goal[1]}.npz", goal, "train", num_streams, steps, seed=100 * i, env_config=env_config)
+    if with_test:  # the held-out tasks' histories: only for the teacher-forced diagnostic loss
+        (root / "test").mkdir(exist_ok=True)
+        for i, goal in enumerate(test_goals):
+            write_history(root / "test" / f"goal_{goal[0]}_{goal[1]}.npz", goal, "test", num_streams, steps, seed=100 * i + 7, env_config=env_config)
     return root
 
 
@@ -351,8 +355,36 @@ def test_tiny_run_trains_evaluates_checkpoints_resumes_and_reloads(collection, t
     assert [e.step for e in events.Scalars("losses/action_loss")] == list(range(1, 7))
     assert [e.value for e in events.Scalars("charts/learning_rate")][:2] == pytest.approx([5e-4, 1e-3])
     assert "eval/return_by_episode" in events.Tags()["images"]
+    # issue 9's diagnostics: exploitation, first success, training goals, teacher-forced loss on both splits
+    for tag in ("eval/success_after_success", "eval/first_success_episode", "eval/never_succeeded",
+                "eval_train/success_rate", "eval_train/success_after_success",
+                "diagnostics/train_action_loss", "diagnostics/heldout_action_loss"):
+        assert [e.step for e in events.Scalars(tag)] == [3, 6], tag
+    assert 0 < events.Scalars("diagnostics/heldout_action_loss")[0].value < 3
 
 
 def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "ad_dt.py"), "--resume", str(tmp_path / "x.pt")], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1 and "x.pt" in proc.stderr
+
+
+def test_summary_diagnostics_on_a_hand_made_result():
+    successes = np.array([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1]], dtype=bool)
+    summary = ad_dt.summarize_evaluation({"returns": successes.astype(np.float32), "successes": successes})
+    assert summary["success_rate"] == pytest.approx(5 / 12)
+    # episodes that follow a success: env 0 (1->1, 1->0), env 2 (1->0, 1->1): 2 of 4 succeed
+    assert summary["success_after_success"] == pytest.approx(0.5)
+    assert summary["first_success_episode"] == pytest.approx((2 + 1) / 2)  # env 1 never succeeds: left out
+    assert summary["never_succeeded"] == pytest.approx(1 / 3)
+    assert summary["first_episode_return"] == pytest.approx(1 / 3) and summary["last_episode_return"] == pytest.approx(1 / 3)
+
+
+def test_test_split_loader_takes_only_held_out_histories(tmp_path):
+    root = write_collection(tmp_path / "h", num_streams=1, steps=40)
+    _, test_histories = ad_dt.load_histories(root, "test")
+    assert len(test_histories) == len(TEST_GOALS)
+    goal = TRAIN_GOALS[0]
+    write_history(root / "test" / f"goal_{goal[0]}_{goal[1]}.npz", goal, "train", 1, 40, seed=3)
+    with pytest.raises(SystemExit, match="not a history of a held-out test task"):
+        ad_dt.load_histories(root, "test")
+    assert ad_dt.load_histories(write_collection(tmp_path / "g", num_streams=1, steps=40, with_test=False), "test")[1] == []
