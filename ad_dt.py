@@ -535,7 +535,7 @@ def load_checkpoint(path, device="cpu"):
         model = ADTransformer(GPTConfig(**checkpoint["model_config"])).to(device)
         model.load_state_dict(checkpoint["model"])
     except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        raise SystemExit(f"error: cannot load an ad_dt.py checkpoint from {path} ({type(e).__name__}: {str(e).splitlines()[0]})")
+        raise SystemExit(f"error: cannot load an ad_dt.py checkpoint from {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
     return model.eval(), checkpoint
 
 
