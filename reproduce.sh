@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole Algorithm Distillation pipeline with the CPU defaults, for two sources side by side:
+#   A2C (the seed's algorithm)  : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/
+#   explorer (issue 9's source) : histories_explorer/  -> runs/ad_explorer__*/ -> results/ad_explorer/
+# Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
+# and an evaluation newer than its checkpoint is kept.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+SECONDS=0
+stage() { echo; echo "== $1 ($(date +%H:%M:%S), ${SECONDS}s so far)"; }
+
+# train AD (or resume it) under runs/$1__*/ with the remaining arguments, then evaluate it into results/$1/
+ad_and_eval() {
+  local exp=$1 histories=$2; shift 2
+  latest_checkpoint() { ls -d runs/"$exp"__*/ad_dt_*.pt 2>/dev/null | sort | tail -n 1; }
+  local checkpoint
+  checkpoint=$(latest_checkpoint || true)
+  if [ -n "$checkpoint" ]; then
+    echo "resuming from $checkpoint (nothing to do if it is the last update)"
+    "$PYTHON" ad_dt.py --resume "$checkpoint"
+  else
+    "$PYTHON" ad_dt.py --exp-name "$exp" --histories-dir "$histories" "$@"
+  fi
+  checkpoint=$(latest_checkpoint)
+  if [ -f "results/$exp/results.json" ] && [ "results/$exp/results.json" -nt "$checkpoint" ]; then
+    echo "results/$exp/results.json is newer than $checkpoint: kept (delete it to evaluate again)"
+  else
+    "$PYTHON" eval_ad.py --checkpoint "$checkpoint" --histories-dir "$histories" --out-dir "results/$exp" --train-tasks
+  fi
+  echo "$exp: checkpoint $checkpoint, results in results/$exp/"
+}
+
+stage "1/6 A2C learning histories of the 57 training tasks -> histories/train/"
+"$PYTHON" collect_histories.py --tasks train
+stage "2/6 A2C histories of the 23 held-out tasks (the from-scratch baseline) -> histories/test/"
+"$PYTHON" collect_histories.py --tasks test
+stage "3/6 explorer histories: 1000 short learners per task -> histories_explorer/"
+"$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all --histories-dir histories_explorer
+stage "4/6 AD on the A2C histories (ad_dt.py defaults) + evaluation"
+ad_and_eval ad_a2c histories
+stage "5/6 AD on the explorer histories + evaluation"
+ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --num-updates 3000
+stage "6/6 done in ${SECONDS}s"
+echo "plots, tables (results.json) and videos: results/ad_a2c/ and results/ad_explorer/; curves: tensorboard --logdir runs"
