@@ -13,10 +13,12 @@ from typing import Literal, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from matplotlib.figure import Figure
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import trange
 
@@ -30,7 +32,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, sets `torch.backends.cudnn.deterministic=True` so GPU runs are reproducible (CPU runs are)"""
     cuda: bool = False
-    """if toggled, train and evaluate on CUDA when it is available"""
+    """if toggled, train and evaluate on CUDA when it is available (training in bf16 autocast where supported)"""
     num_threads: int = 2
     """CPU threads for torch (the reference machine has 2 cores); use 1 when another job shares the cores"""
 
@@ -49,6 +51,11 @@ class Args:
     layout: Literal["one", "three"] = "one"
     """tokens per transition: "one" = emb(state) + emb(previous action) + emb(previous reward);
     "three" = the seed's interleaved stream ... a_{t-1}, r_{t-1}, s_t ..., the action read from the state token"""
+    state_embedding: Literal["cell", "rowcol"] = "cell"
+    """"cell" = one learnt vector per cell; "rowcol" = emb(row) + emb(column), which tells the model which cells are neighbours"""
+    prev_next_state: bool = False
+    """if toggled, every transition also shows where the previous action led (s'_{t-1}): in terminate mode the
+    goal cell is never a state, only where the rewarded action led, so this puts the goal itself in the context"""
     seq_len: int = 128
     """context length in transitions (tokens = seq_len x tokens per transition)"""
     embedding_dim: int = 64
@@ -68,7 +75,7 @@ class Args:
 
     # Training
     batch_size: int = 32
-    """windows per update"""
+    """windows per update, over all processes (under torchrun each rank takes batch_size / world_size of them)"""
     num_updates: int = 5000
     """number of gradient updates"""
     learning_rate: float = 1e-3
@@ -107,7 +114,9 @@ FORMAT_VERSION = 1  # of the history files (see README.md, "History format")
 NUM_ACTIONS = 5  # 0 noop, 1 up, 2 right, 3 down, 4 left
 NO_ACTION = NUM_ACTIONS  # "no previous transition": start of a stream, or an empty context
 NO_REWARD = 2  # rewards are 0/1; index 2 = no previous transition
-HISTORY_KEYS = ("states", "actions", "rewards", "terminated", "truncated", "timesteps")
+NO_STATE = 255  # no previous transition, in prev_next_states (uint8); the model maps it to its own embedding row
+HISTORY_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
+INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states")  # model inputs, in forward's order
 
 
 # data: load and validate the histories, change their pace, sample windows
@@ -153,7 +162,7 @@ def load_histories(histories_dir, split="train"):
         if len(shapes) != 1 or len(shapes.pop()) != 2:
             raise SystemExit(f"error: {path} has arrays of different or non-(streams, steps) shapes")
         env = tasks["env"]
-        limits = {"states": env["size"] ** 2, "actions": NUM_ACTIONS, "rewards": 2, "timesteps": env["max_episode_steps"]}
+        limits = {"states": env["size"] ** 2, "next_states": env["size"] ** 2, "actions": NUM_ACTIONS, "rewards": 2, "timesteps": env["max_episode_steps"]}
         for key, limit in limits.items():
             if arrays[key].size and arrays[key].max() >= limit:
                 raise SystemExit(f"error: {path} has {key} up to {arrays[key].max()}, outside 0..{limit - 1}")
@@ -164,11 +173,12 @@ def load_histories(histories_dir, split="train"):
 def make_dataset(histories, history_len=None, keep_every=1):
     """Cut each agent's history, keep every k-th episode, and flatten all streams into one table.
 
-    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps) and `offsets`
-    (stream i is rows offsets[i]:offsets[i+1]). prev_actions/prev_rewards hold the previous transition
-    *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD at its first row.
+    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps, prev_next_states) and
+    `offsets` (stream i is rows offsets[i]:offsets[i+1]). prev_actions/prev_rewards/prev_next_states hold the
+    previous transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/
+    NO_STATE at its first row.
     """
-    columns = {key: [] for key in ("states", "actions", "prev_actions", "prev_rewards", "timesteps")}
+    columns = {key: [] for key in ("actions", *INPUT_KEYS)}
     lengths = []
     for h in histories:
         num_streams, steps = h["states"].shape
@@ -184,6 +194,8 @@ def make_dataset(histories, history_len=None, keep_every=1):
             columns["prev_actions"].append(np.concatenate([[NO_ACTION], actions])[:-1].astype(np.uint8))
             columns["prev_rewards"].append(np.concatenate([[NO_REWARD], rewards])[:-1].astype(np.uint8))
             columns["timesteps"].append(h["timesteps"][s, :steps][keep])
+            next_states = h["next_states"][s, :steps][keep]
+            columns["prev_next_states"].append(np.concatenate([[NO_STATE], next_states])[:-1].astype(np.uint8))
             lengths.append(int(keep.sum()))
     data = {key: np.concatenate(parts) for key, parts in columns.items()}
     data["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -193,8 +205,8 @@ def make_dataset(histories, history_len=None, keep_every=1):
 def sample_windows(data, batch_size, seq_len, rng):
     """Sample windows of seq_len consecutive transitions, uniformly over all windows inside one stream.
 
-    Returns a dict of LongTensors [batch, seq_len] (states, actions, prev_actions, prev_rewards,
-    timesteps) and the windows' first rows in the flat table.
+    Returns a dict of LongTensors [batch, seq_len] (actions and the INPUT_KEYS) and the windows' first rows
+    in the flat table.
     """
     lengths = np.diff(data["offsets"])
     num_windows = np.maximum(lengths - seq_len + 1, 0)  # per stream
@@ -203,8 +215,7 @@ def sample_windows(data, batch_size, seq_len, rng):
     stream = np.searchsorted(cum, u, side="right")
     starts = data["offsets"][stream] + u - (cum[stream] - num_windows[stream])
     rows = starts[:, None] + np.arange(seq_len)  # [batch, seq_len]
-    keys = ("states", "actions", "prev_actions", "prev_rewards", "timesteps")
-    return {key: torch.from_numpy(data[key][rows].astype(np.int64)) for key in keys}, starts
+    return {key: torch.from_numpy(data[key][rows].astype(np.int64)) for key in ("actions", *INPUT_KEYS)}, starts
 
 
 def lr_factor(update, args):
@@ -232,6 +243,8 @@ class GPTConfig:
     """context in transitions"""
     layout: str = "one"
     """tokens per transition, "one" or "three"; this field and the ones below are the Args flags of the same names"""
+    state_embedding: str = "cell"
+    prev_next_state: bool = False
     embedding_dim: int = 64
     num_layers: int = 4
     num_heads: int = 4
@@ -325,10 +338,15 @@ class ADTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        d = config.embedding_dim
+        d, size = config.embedding_dim, math.isqrt(config.num_states)
+        if config.state_embedding == "rowcol":
+            state_emb = nn.ModuleDict(dict(row=nn.Embedding(size, d), col=nn.Embedding(size, d)))
+        else:
+            state_emb = nn.Embedding(config.num_states, d)
         self.transformer = nn.ModuleDict(
             dict(
-                state_emb=nn.Embedding(config.num_states, d),
+                state_emb=state_emb,
+                next_state_emb=nn.Embedding(config.num_states + 1, d) if config.prev_next_state else nn.Identity(),  # + NO_STATE
                 action_emb=nn.Embedding(NUM_ACTIONS + 1, d),  # + NO_ACTION
                 reward_emb=nn.Embedding(3, d),  # 0, 1, NO_REWARD
                 timestep_emb=nn.Embedding(config.max_episode_steps, d),  # position = the env's step in the episode
@@ -361,12 +379,19 @@ class ADTransformer(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def forward(self, states, prev_actions, prev_rewards, timesteps, input_pos=None):
-        """Inputs: LongTensors [B, T] of T consecutive transitions. Returns action logits [B, T, NUM_ACTIONS].
-        input_pos: None for a plain causal pass, or (with caches set up) the token positions [T * tokens_per_transition]
-        of these transitions in the cached context."""
-        tr = self.transformer
-        s, a, r = tr.state_emb(states), tr.action_emb(prev_actions), tr.reward_emb(prev_rewards)  # [B, T, d] each
+    def forward(self, states, prev_actions, prev_rewards, timesteps, prev_next_states=None, input_pos=None):
+        """Inputs: LongTensors [B, T] of T consecutive transitions (prev_next_states is read only with
+        config.prev_next_state). Returns action logits [B, T, NUM_ACTIONS]. input_pos: None for a plain causal
+        pass, or (with caches set up) the token positions [T * tokens_per_transition] of these transitions in the
+        cached context."""
+        tr, size = self.transformer, math.isqrt(self.config.num_states)
+        if self.config.state_embedding == "rowcol":
+            s = tr.state_emb["row"](states // size) + tr.state_emb["col"](states % size)
+        else:
+            s = tr.state_emb(states)
+        a, r = tr.action_emb(prev_actions), tr.reward_emb(prev_rewards)  # [B, T, d] each
+        if self.config.prev_next_state:  # where the rewarded (or any) previous action led; NO_STATE -> the last row
+            r = r + tr.next_state_emb(prev_next_states.clamp(max=self.config.num_states))
         time = tr.timestep_emb(timesteps)  # [B, T, d]
         if self.config.layout == "three":
             x = (torch.stack([a, r, s], dim=2) + time[:, :, None]).flatten(1, 2)  # [B, 3T, d]: ..., a_{t-1}, r_{t-1}, s_t, ...
@@ -400,8 +425,10 @@ class BatchDarkRoom:
         return self.pos[:, 0] * self.size + self.pos[:, 1]
 
     def step(self, actions):
-        """Returns (next states, after a reset where the episode ended), rewards, terminated, truncated."""
+        """Returns (next states, after a reset where the episode ended), rewards, terminated, truncated.
+        `self.reached` keeps the cells that the actions led to, before any reset (the histories' next_states)."""
         self.pos = np.clip(self.pos + self.MOVES[actions], 0, self.size - 1)
+        self.reached = self.pos[:, 0] * self.size + self.pos[:, 1]
         self.timestep += 1
         rewards = (self.pos == self.goals).all(axis=1).astype(np.float32)
         terminated = (rewards > 0) & self.terminate_on_goal
@@ -435,10 +462,10 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     returns, lengths = np.zeros((N, num_episodes), np.float32), np.zeros((N, num_episodes), np.int64)
     episode = np.zeros(N, dtype=np.int64)  # episodes finished by each env
     trajectory = {key: [] for key in ("states", "actions", "rewards", "timesteps", "logits")}
-    context = torch.zeros(4, N, L, dtype=torch.long, device=device)  # states, prev actions, prev rewards, timesteps
+    context = torch.zeros(len(INPUT_KEYS), N, L, dtype=torch.long, device=device)  # the INPUT_KEYS of each transition
     n = 0  # transitions in the context
     state = room.reset()
-    prev_action, prev_reward = np.full(N, NO_ACTION), np.full(N, NO_REWARD)
+    prev_action, prev_reward, prev_next_state = np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE)
     if use_cache:
         model.setup_caches(N)
     try:
@@ -447,7 +474,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             if n == L:  # full: keep the most recent half, the new transition included, and re-prefill it
                 context[:, :, : L // 2 - 1] = context[:, :, n - (L // 2 - 1) : n].clone()
                 n, new = L // 2 - 1, 0
-            transition = np.stack([state, prev_action, prev_reward, room.timestep])  # [4, N]
+            transition = np.stack([state, prev_action, prev_reward, room.timestep, prev_next_state])  # [5, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1
             if use_cache:
@@ -470,7 +497,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             returns[active, episode[active]] += reward[active]
             lengths[active, episode[active]] += 1
             episode += terminated | truncated
-            prev_action, prev_reward = action, reward.astype(np.int64)  # carried across the episode boundary
+            prev_action, prev_reward, prev_next_state = action, reward.astype(np.int64), room.reached  # carried across the episode boundary
     finally:
         if use_cache:
             model.clear_caches()
@@ -507,7 +534,7 @@ def teacher_forced_loss(model, batch):
     tasks' histories (a model that learned the algorithm, not the goals, has about the same loss on both)."""
     was_training = model.training
     model.eval()
-    logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
+    logits = model(*(batch[key] for key in INPUT_KEYS))
     model.train(was_training)
     return F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1)).item()
 
@@ -548,6 +575,18 @@ if __name__ == "__main__":
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
     if args.seq_len < 2 or args.keep_every < 1 or args.eval_episodes < 1 or args.embedding_dim % args.num_heads:
         raise SystemExit("error: need --seq-len >= 2, --keep-every >= 1, --eval-episodes >= 1, --embedding-dim divisible by --num-heads")
+    # under `torchrun --nproc-per-node N` every process trains on its share of each batch (DistributedDataParallel
+    # averages the gradients); rank 0 alone logs, evaluates and checkpoints
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if args.batch_size % world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    use_bf16 = use_cuda and torch.cuda.is_bf16_supported()  # training only: evaluation stays in float32
+    if world_size > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     tasks, histories = load_histories(args.histories_dir)
     _, test_histories = load_histories(args.histories_dir, "test")
     data = make_dataset(histories, args.history_len, args.keep_every)
@@ -562,8 +601,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.num_threads)
-    rng = np.random.default_rng(args.seed)  # window sampling
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    rng = np.random.default_rng(args.seed)  # window sampling: the same global batch on every rank
 
     # fixed windows for the teacher-forced diagnostics: training tasks, and held-out tasks where collected
     # (`collect_histories.py --tasks test`); their own generator leaves the training stream of windows as it was
@@ -584,6 +622,8 @@ if __name__ == "__main__":
         max_episode_steps=env["max_episode_steps"],
         seq_len=args.seq_len,
         layout=args.layout,
+        state_embedding=args.state_embedding,
+        prev_next_state=args.prev_next_state,
         embedding_dim=args.embedding_dim,
         num_layers=args.num_layers,
         num_heads=args.num_heads,
@@ -592,14 +632,16 @@ if __name__ == "__main__":
         residual_dropout=args.residual_dropout,
         embedding_dropout=args.embedding_dropout,
     )
-    model = ADTransformer(config).to(device)
+    model = raw_model = ADTransformer(config).to(device)  # the same initial weights on every rank
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if use_cuda else None, broadcast_buffers=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=args.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args=args))
     start = 0
     if checkpoint is not None:
         if asdict(config) != checkpoint["model_config"]:
             raise SystemExit(f"error: the model flags differ from those saved in {args.resume}; leave them out to resume")
-        model.load_state_dict(checkpoint["model"])
+        raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start = checkpoint["update"]
@@ -608,22 +650,30 @@ if __name__ == "__main__":
         run_name, run_dir = checkpoint["run_name"], Path(args.resume).parent
     else:
         run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+        if world_size > 1:  # rank 0's clock names the run for all
+            names = [run_name]
+            dist.broadcast_object_list(names, src=0)
+            run_name = names[0]
         run_dir = Path("runs") / run_name
+    if rank > 0:  # other dropout masks than rank 0's (which keeps the single-process stream)
+        torch.manual_seed(args.seed + 1000 * rank + start)
 
     # purge_step: a resumed run overwrites what the old one logged after its checkpoint
-    writer = SummaryWriter(str(run_dir), purge_step=start + 1 if checkpoint is not None else None)
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-    num_streams = len(data["offsets"]) - 1
-    print(f"{run_name}: {num_streams} streams, {len(data['states'])} transitions, {sum(p.numel() for p in model.parameters())} parameters")
+    if rank == 0:
+        writer = SummaryWriter(str(run_dir), purge_step=start + 1 if checkpoint is not None else None)
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
+        num_streams = len(data["offsets"]) - 1
+        num_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{run_name}: {num_streams} streams, {len(data['states'])} transitions, {num_params} parameters, {world_size} process(es) on {device}")
 
     def save_checkpoint(update):
         path = run_dir / f"ad_dt_{update:06d}.pt"
         torch.save(
             {
-                "model": model.state_dict(),
+                "model": raw_model.state_dict(),
                 "model_config": asdict(config),
                 "args": asdict(args),
                 "optimizer": optimizer.state_dict(),
@@ -640,21 +690,30 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: imitate the actions of the learning histories, one window at a time
     tokens_per_update = args.batch_size * args.seq_len * config.tokens_per_transition
+    share = slice(rank * args.batch_size // world_size, (rank + 1) * args.batch_size // world_size)  # this rank's windows
     model.train()
-    progress = trange(start, args.num_updates, initial=start, total=args.num_updates, desc="updates")
+    progress = trange(start, args.num_updates, initial=start, total=args.num_updates, desc="updates", disable=rank > 0)
     for update in progress:
         step = update + 1  # updates done: the x axis of every TensorBoard curve
         start_time = time.perf_counter()
         batch, _ = sample_windows(data, args.batch_size, args.seq_len, rng)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
-        loss = F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1))
+        batch = {key: value[share].to(device) for key, value in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(*(batch[key] for key in INPUT_KEYS))
+        loss = F.cross_entropy(logits.float().reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP the gradients are averaged over the ranks here
         nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         learning_rate = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        loss = loss.detach()
+        if world_size > 1:  # log the loss of the global batch
+            dist.all_reduce(loss)
+            loss /= world_size
+        if rank > 0:
+            continue
+        # from here on rank 0 only: the other ranks go on to the next update and wait for it in its gradient all-reduce
         loss = loss.item()
         writer.add_scalar("losses/action_loss", loss, step)
         writer.add_scalar("charts/learning_rate", learning_rate, step)
@@ -662,16 +721,16 @@ if __name__ == "__main__":
         progress.set_postfix(loss=f"{loss:.3f}")
 
         if step % args.eval_every == 0 or step == args.num_updates:
-            result = evaluate_in_context(model, tasks["test"], env, args.eval_seeds, args.eval_episodes, args.eval_greedy, args.seed)
+            result = evaluate_in_context(raw_model, tasks["test"], env, args.eval_seeds, args.eval_episodes, args.eval_greedy, args.seed)
             summary = summarize_evaluation(result)
             for key, value in summary.items():
                 writer.add_scalar(f"eval/{key}", value, step)
             writer.add_figure("eval/return_by_episode", plot_by_episode(result, f"held-out goals, update {step}"), step)
             for name, batch in diagnostic_batches.items():
-                writer.add_scalar(f"diagnostics/{name}_action_loss", teacher_forced_loss(model, batch), step)
+                writer.add_scalar(f"diagnostics/{name}_action_loss", teacher_forced_loss(raw_model, batch), step)
             line = f"update {step}: held-out " + ", ".join(f"{key} {value:.3f}" for key, value in summary.items())
             if args.eval_train_goals:
-                train_result = evaluate_in_context(model, tasks["train"], env, 1, args.eval_episodes, args.eval_greedy, args.seed)
+                train_result = evaluate_in_context(raw_model, tasks["train"], env, 1, args.eval_episodes, args.eval_greedy, args.seed)
                 train_summary = summarize_evaluation(train_result)
                 for key, value in train_summary.items():
                     writer.add_scalar(f"eval_train/{key}", value, step)
@@ -679,6 +738,9 @@ if __name__ == "__main__":
             progress.write(line)
         if step % args.checkpoint_every == 0 or step == args.num_updates:
             path = save_checkpoint(step)
-    writer.close()
-    if start < args.num_updates:
-        print(f"checkpoint: {path}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        writer.close()
+        if start < args.num_updates:
+            print(f"checkpoint: {path}")

@@ -63,18 +63,21 @@ FORMAT_VERSION = 1  # of the history files (see README.md, "History format")
 NUM_ACTIONS = 5  # 0 noop, 1 up, 2 right, 3 down, 4 left
 NO_ACTION = NUM_ACTIONS  # "no previous transition": start of a stream, or an empty context
 NO_REWARD = 2  # rewards are 0/1; index 2 = no previous transition
-HISTORY_KEYS = ("states", "actions", "rewards", "terminated", "truncated", "timesteps")
+NO_STATE = 255  # no previous transition, in prev_next_states (uint8); the model maps it to its own embedding row
+HISTORY_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
+INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states")  # model inputs, in forward's order
 
 
 # data: change the pace of histories and sample windows, as ad_dt.py trains on them
 def make_dataset(histories, history_len=None, keep_every=1):
     """Cut each agent's history, keep every k-th episode, and flatten all streams into one table.
 
-    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps) and `offsets`
-    (stream i is rows offsets[i]:offsets[i+1]). prev_actions/prev_rewards hold the previous transition
-    *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD at its first row.
+    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps, prev_next_states) and
+    `offsets` (stream i is rows offsets[i]:offsets[i+1]). prev_actions/prev_rewards/prev_next_states hold the
+    previous transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/
+    NO_STATE at its first row.
     """
-    columns = {key: [] for key in ("states", "actions", "prev_actions", "prev_rewards", "timesteps")}
+    columns = {key: [] for key in ("actions", *INPUT_KEYS)}
     lengths = []
     for h in histories:
         num_streams, steps = h["states"].shape
@@ -90,6 +93,8 @@ def make_dataset(histories, history_len=None, keep_every=1):
             columns["prev_actions"].append(np.concatenate([[NO_ACTION], actions])[:-1].astype(np.uint8))
             columns["prev_rewards"].append(np.concatenate([[NO_REWARD], rewards])[:-1].astype(np.uint8))
             columns["timesteps"].append(h["timesteps"][s, :steps][keep])
+            next_states = h["next_states"][s, :steps][keep]
+            columns["prev_next_states"].append(np.concatenate([[NO_STATE], next_states])[:-1].astype(np.uint8))
             lengths.append(int(keep.sum()))
     data = {key: np.concatenate(parts) for key, parts in columns.items()}
     data["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -99,8 +104,8 @@ def make_dataset(histories, history_len=None, keep_every=1):
 def sample_windows(data, batch_size, seq_len, rng):
     """Sample windows of seq_len consecutive transitions, uniformly over all windows inside one stream.
 
-    Returns a dict of LongTensors [batch, seq_len] (states, actions, prev_actions, prev_rewards,
-    timesteps) and the windows' first rows in the flat table.
+    Returns a dict of LongTensors [batch, seq_len] (actions and the INPUT_KEYS) and the windows' first rows
+    in the flat table.
     """
     lengths = np.diff(data["offsets"])
     num_windows = np.maximum(lengths - seq_len + 1, 0)  # per stream
@@ -109,8 +114,7 @@ def sample_windows(data, batch_size, seq_len, rng):
     stream = np.searchsorted(cum, u, side="right")
     starts = data["offsets"][stream] + u - (cum[stream] - num_windows[stream])
     rows = starts[:, None] + np.arange(seq_len)  # [batch, seq_len]
-    keys = ("states", "actions", "prev_actions", "prev_rewards", "timesteps")
-    return {key: torch.from_numpy(data[key][rows].astype(np.int64)) for key in keys}, starts
+    return {key: torch.from_numpy(data[key][rows].astype(np.int64)) for key in ("actions", *INPUT_KEYS)}, starts
 
 
 # the model: a small GPT over transitions, with a KV cache for acting in context
@@ -124,6 +128,8 @@ class GPTConfig:
     """context in transitions"""
     layout: str = "one"
     """tokens per transition, "one" or "three"; this field and the ones below are the Args flags of the same names"""
+    state_embedding: str = "cell"
+    prev_next_state: bool = False
     embedding_dim: int = 64
     num_layers: int = 4
     num_heads: int = 4
@@ -217,10 +223,15 @@ class ADTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        d = config.embedding_dim
+        d, size = config.embedding_dim, math.isqrt(config.num_states)
+        if config.state_embedding == "rowcol":
+            state_emb = nn.ModuleDict(dict(row=nn.Embedding(size, d), col=nn.Embedding(size, d)))
+        else:
+            state_emb = nn.Embedding(config.num_states, d)
         self.transformer = nn.ModuleDict(
             dict(
-                state_emb=nn.Embedding(config.num_states, d),
+                state_emb=state_emb,
+                next_state_emb=nn.Embedding(config.num_states + 1, d) if config.prev_next_state else nn.Identity(),  # + NO_STATE
                 action_emb=nn.Embedding(NUM_ACTIONS + 1, d),  # + NO_ACTION
                 reward_emb=nn.Embedding(3, d),  # 0, 1, NO_REWARD
                 timestep_emb=nn.Embedding(config.max_episode_steps, d),  # position = the env's step in the episode
@@ -253,12 +264,19 @@ class ADTransformer(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def forward(self, states, prev_actions, prev_rewards, timesteps, input_pos=None):
-        """Inputs: LongTensors [B, T] of T consecutive transitions. Returns action logits [B, T, NUM_ACTIONS].
-        input_pos: None for a plain causal pass, or (with caches set up) the token positions [T * tokens_per_transition]
-        of these transitions in the cached context."""
-        tr = self.transformer
-        s, a, r = tr.state_emb(states), tr.action_emb(prev_actions), tr.reward_emb(prev_rewards)  # [B, T, d] each
+    def forward(self, states, prev_actions, prev_rewards, timesteps, prev_next_states=None, input_pos=None):
+        """Inputs: LongTensors [B, T] of T consecutive transitions (prev_next_states is read only with
+        config.prev_next_state). Returns action logits [B, T, NUM_ACTIONS]. input_pos: None for a plain causal
+        pass, or (with caches set up) the token positions [T * tokens_per_transition] of these transitions in the
+        cached context."""
+        tr, size = self.transformer, math.isqrt(self.config.num_states)
+        if self.config.state_embedding == "rowcol":
+            s = tr.state_emb["row"](states // size) + tr.state_emb["col"](states % size)
+        else:
+            s = tr.state_emb(states)
+        a, r = tr.action_emb(prev_actions), tr.reward_emb(prev_rewards)  # [B, T, d] each
+        if self.config.prev_next_state:  # where the rewarded (or any) previous action led; NO_STATE -> the last row
+            r = r + tr.next_state_emb(prev_next_states.clamp(max=self.config.num_states))
         time = tr.timestep_emb(timesteps)  # [B, T, d]
         if self.config.layout == "three":
             x = (torch.stack([a, r, s], dim=2) + time[:, :, None]).flatten(1, 2)  # [B, 3T, d]: ..., a_{t-1}, r_{t-1}, s_t, ...
@@ -292,8 +310,10 @@ class BatchDarkRoom:
         return self.pos[:, 0] * self.size + self.pos[:, 1]
 
     def step(self, actions):
-        """Returns (next states, after a reset where the episode ended), rewards, terminated, truncated."""
+        """Returns (next states, after a reset where the episode ended), rewards, terminated, truncated.
+        `self.reached` keeps the cells that the actions led to, before any reset (the histories' next_states)."""
         self.pos = np.clip(self.pos + self.MOVES[actions], 0, self.size - 1)
+        self.reached = self.pos[:, 0] * self.size + self.pos[:, 1]
         self.timestep += 1
         rewards = (self.pos == self.goals).all(axis=1).astype(np.float32)
         terminated = (rewards > 0) & self.terminate_on_goal
@@ -327,10 +347,10 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     returns, lengths = np.zeros((N, num_episodes), np.float32), np.zeros((N, num_episodes), np.int64)
     episode = np.zeros(N, dtype=np.int64)  # episodes finished by each env
     trajectory = {key: [] for key in ("states", "actions", "rewards", "timesteps", "logits")}
-    context = torch.zeros(4, N, L, dtype=torch.long, device=device)  # states, prev actions, prev rewards, timesteps
+    context = torch.zeros(len(INPUT_KEYS), N, L, dtype=torch.long, device=device)  # the INPUT_KEYS of each transition
     n = 0  # transitions in the context
     state = room.reset()
-    prev_action, prev_reward = np.full(N, NO_ACTION), np.full(N, NO_REWARD)
+    prev_action, prev_reward, prev_next_state = np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE)
     if use_cache:
         model.setup_caches(N)
     try:
@@ -339,7 +359,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             if n == L:  # full: keep the most recent half, the new transition included, and re-prefill it
                 context[:, :, : L // 2 - 1] = context[:, :, n - (L // 2 - 1) : n].clone()
                 n, new = L // 2 - 1, 0
-            transition = np.stack([state, prev_action, prev_reward, room.timestep])  # [4, N]
+            transition = np.stack([state, prev_action, prev_reward, room.timestep, prev_next_state])  # [5, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1
             if use_cache:
@@ -362,7 +382,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             returns[active, episode[active]] += reward[active]
             lengths[active, episode[active]] += 1
             episode += terminated | truncated
-            prev_action, prev_reward = action, reward.astype(np.int64)  # carried across the episode boundary
+            prev_action, prev_reward, prev_next_state = action, reward.astype(np.int64), room.reached  # carried across the episode boundary
     finally:
         if use_cache:
             model.clear_caches()
@@ -399,7 +419,7 @@ def teacher_forced_loss(model, batch):
     tasks' histories (a model that learned the algorithm, not the goals, has about the same loss on both)."""
     was_training = model.training
     model.eval()
-    logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
+    logits = model(*(batch[key] for key in INPUT_KEYS))
     model.train(was_training)
     return F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1)).item()
 

@@ -1,5 +1,6 @@
 """Tests of ad_dt.py: data checks and pace, the window sampler, the KV cache, the eval env, and a tiny end-to-end run."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,10 @@ def collection(tmp_path_factory):
     return write_collection(tmp_path_factory.mktemp("histories"))
 
 
-def make_model(layout, seq_len, seed=0, std=0.3):
+def make_model(layout, seq_len, seed=0, std=0.3, **config_kwargs):
     """A random model with weights large enough that logits depend strongly on the context."""
     torch.manual_seed(seed)
-    config = ad_dt.GPTConfig(seq_len=seq_len, layout=layout, embedding_dim=32, num_layers=2, num_heads=4, feed_forward_dim=64)
+    config = ad_dt.GPTConfig(seq_len=seq_len, layout=layout, embedding_dim=32, num_layers=2, num_heads=4, feed_forward_dim=64, **config_kwargs)
     model = ad_dt.ADTransformer(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -104,7 +105,11 @@ def stream_inputs(result, rows, columns):
     """Model inputs for transitions `columns` of the envs `rows`, from an evaluation trajectory, built from scratch."""
     prev_actions = np.concatenate([np.full((len(result["actions"]), 1), ad_dt.NO_ACTION), result["actions"][:, :-1]], axis=1)
     prev_rewards = np.concatenate([np.full((len(result["rewards"]), 1), ad_dt.NO_REWARD), result["rewards"][:, :-1]], axis=1)
-    arrays = (result["states"], prev_actions, prev_rewards.astype(np.int64), result["timesteps"])
+    # where each action led (before the env's reset), from the room's rules: the cell moved to, clipped at the walls
+    rows_cols = np.stack([result["states"] // 9, result["states"] % 9], -1) + ad_dt.BatchDarkRoom.MOVES[result["actions"]]
+    reached = np.clip(rows_cols, 0, 8) @ np.array([9, 1])
+    prev_next_states = np.concatenate([np.full((len(reached), 1), ad_dt.NO_STATE), reached[:, :-1]], axis=1)
+    arrays = (result["states"], prev_actions, prev_rewards.astype(np.int64), result["timesteps"], prev_next_states)
     return [torch.as_tensor(a[rows][:, columns].astype(np.int64)) for a in arrays]
 
 
@@ -160,8 +165,14 @@ def test_previous_action_and_reward_cross_episode_boundaries(collection):
     # the reward 1 that ended an episode is shown by the first transition of the next one
     ends = np.flatnonzero(h["terminated"][0, :-1])
     assert len(ends) > 0 and (data["prev_rewards"][ends + 1] == 1).all() and (data["timesteps"][ends + 1] == 0).all()
+    # ... and shows the goal cell as where the previous action led; inside an episode that is just the state
+    goal = 9 * TRAIN_GOALS[0][0] + TRAIN_GOALS[0][1]
+    assert (data["prev_next_states"][ends + 1] == goal).all() and (data["states"][ends + 1] == 4 * 9 + 4).all()
+    inside = np.flatnonzero(data["timesteps"][1:n] > 0) + 1
+    np.testing.assert_array_equal(data["prev_next_states"][inside], data["states"][inside])
     # the next stream starts with no previous transition
     assert data["prev_actions"][n] == ad_dt.NO_ACTION and data["prev_rewards"][n] == ad_dt.NO_REWARD
+    assert data["prev_next_states"][0] == data["prev_next_states"][n] == ad_dt.NO_STATE
 
 
 def test_pace_keeps_every_kth_episode_and_cuts_history(collection):
@@ -191,7 +202,7 @@ def test_sampler_stays_inside_one_stream_and_positions_are_env_timesteps():
             timesteps[0, t] = 0 if done[0, t - 1] else timesteps[0, t - 1] + 1
         histories.append({
             "states": np.full((1, length), i, np.uint8), "actions": rng.integers(0, 5, (1, length)).astype(np.uint8),
-            "rewards": np.zeros((1, length), np.uint8), "terminated": done, "truncated": np.zeros_like(done), "timesteps": timesteps,
+            "rewards": np.zeros((1, length), np.uint8), "next_states": np.full((1, length), i, np.uint8), "terminated": done, "truncated": np.zeros_like(done), "timesteps": timesteps,
         })
     data = ad_dt.make_dataset(histories)
     seq_len, seen = 9, set()
@@ -243,10 +254,11 @@ def test_batch_darkroom_matches_toymeta_under_timelimit():
         assert dones > len(goals)
 
 
-@pytest.mark.parametrize("layout", ["one", "three"])
-def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout):
+@pytest.mark.parametrize("layout, state_embedding, prev_next_state", [("one", "cell", False), ("three", "cell", False),
+                                                                      ("one", "rowcol", True), ("three", "rowcol", True)])
+def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state):
     seq_len = 8
-    model = make_model(layout, seq_len)
+    model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state)
     # goals next to the start: the random policy ends episodes early, at different steps in different envs
     goals = [[3, 4], [4, 5], [5, 4], [4, 3], [0, 0]]
     result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3)
@@ -388,3 +400,40 @@ def test_test_split_loader_takes_only_held_out_histories(tmp_path):
     with pytest.raises(SystemExit, match="not a history of a held-out test task"):
         ad_dt.load_histories(root, "test")
     assert ad_dt.load_histories(write_collection(tmp_path / "g", num_streams=1, steps=40, with_test=False), "test")[1] == []
+
+
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(collection, tmp_path):
+    # no dropout: then two ranks with 2 windows each see exactly the one process's 4 windows and average the same gradients
+    tiny = [
+        "--histories-dir", str(collection), "--seq-len", "16", "--embedding-dim", "16", "--num-layers", "1", "--num-heads", "2",
+        "--feed-forward-dim", "32", "--batch-size", "4", "--warmup-steps", "2", "--num-updates", "4", "--eval-episodes", "1",
+        "--eval-seeds", "1", "--no-eval-train-goals", "--residual-dropout", "0", "--num-threads", "1",
+    ]
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    run_script(tmp_path / "one", *tiny)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "ad_dt.py"), *tiny],
+        cwd=tmp_path / "two", capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout and proc.stdout.count("checkpoint: ") == 1  # rank 0 alone reports
+    (one,), (two,) = [list((tmp_path / name / "runs").glob("*/ad_dt_000004.pt")) for name in ("one", "two")]
+    assert len(list((tmp_path / "two" / "runs").iterdir())) == 1  # one run directory, written by rank 0
+    one, two = torch.load(one, weights_only=True)["model"], torch.load(two, weights_only=True)["model"]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    # a single process that saw only rank 0's 2 windows lands elsewhere: both ranks' gradients count
+    (tmp_path / "half").mkdir()
+    half_flags = [f if f != "4" or tiny[i - 1] != "--batch-size" else "2" for i, f in enumerate(tiny)]
+    run_script(tmp_path / "half", *half_flags)
+    (half,) = (tmp_path / "half" / "runs").glob("*/ad_dt_000004.pt")
+    half = torch.load(half, weights_only=True)["model"]
+    assert max(float((half[k] - one[k]).abs().max()) for k in one) > 1e-3
+
+
+def test_batch_not_divisible_by_the_torchrun_processes_is_one_line(collection, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ad_dt.py"), "--histories-dir", str(collection), "--batch-size", "5"],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"},
+    )
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --batch-size 5 is not divisible by the 2 torchrun processes"]

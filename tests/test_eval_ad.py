@@ -119,7 +119,7 @@ def evaluated(checkpoints):
 
 
 # the copies of ad_dt.py's code
-COPIED = ["FORMAT_VERSION", "NUM_ACTIONS", "NO_ACTION", "NO_REWARD", "HISTORY_KEYS"]
+COPIED = ["FORMAT_VERSION", "NUM_ACTIONS", "NO_ACTION", "NO_REWARD", "NO_STATE", "HISTORY_KEYS", "INPUT_KEYS"]
 COPIED_CODE = ["make_dataset", "sample_windows", "GPTConfig", "KVCache", "CausalSelfAttention", "MLP", "Block", "ADTransformer",
                "BatchDarkRoom", "evaluate_in_context", "summarize_evaluation", "teacher_forced_loss", "load_checkpoint"]
 
