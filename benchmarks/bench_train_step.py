@@ -1,0 +1,135 @@
+# Training speed of ad_dt.py: our default update vs the seed's configuration (SEED_SPEC.md), measured side by side. Docs: README.md#ad_dtpy
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from ad_dt import NUM_ACTIONS, ADTransformer, GPTConfig, load_histories, lr_factor, make_dataset, sample_windows  # noqa: E402
+from ad_dt import Args as ADArgs  # noqa: E402
+
+
+@dataclass
+class Args:
+    seed: int = 1
+    """seed of the models, the window sampling and dropout"""
+    num_threads: int = 2
+    """CPU threads for torch"""
+    histories_dir: str = "histories"
+    """directory written by `collect_histories.py` (the A2C histories, the seed's data); each configuration reads
+    it at its own pace (--history-len/--keep-every)"""
+    rounds: int = 4
+    """timed rounds; each runs both configurations, in alternating order, so machine load hits both alike"""
+    default_updates: int = 120
+    """timed updates of the default configuration per round (~0.1 s each: about as long as one update of the seed's,
+    so that a burst of load is as likely to hit either)"""
+    seed_updates: int = 1
+    """timed updates of the seed's configuration per round (~14 s each)"""
+    warmup_updates: int = 1
+    """untimed updates of each configuration before the rounds"""
+
+
+def make_model(train_args, env, seed):
+    """ad_dt.py's model, optimizer and schedule at the hyperparameters of train_args (an ad_dt.Args), seeded."""
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        num_states=env["size"] ** 2,
+        max_episode_steps=env["max_episode_steps"],
+        seq_len=train_args.seq_len,
+        layout=train_args.layout,
+        embedding_dim=train_args.embedding_dim,
+        num_layers=train_args.num_layers,
+        num_heads=train_args.num_heads,
+        feed_forward_dim=train_args.feed_forward_dim,
+        attention_dropout=train_args.attention_dropout,
+        residual_dropout=train_args.residual_dropout,
+        embedding_dropout=train_args.embedding_dropout,
+    )
+    model = ADTransformer(config).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_args.learning_rate, betas=train_args.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args=train_args))
+    return model, optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, data, train_args, rng):
+    """One update of ad_dt.py's training loop (without its TensorBoard writes); returns the loss."""
+    batch, _ = sample_windows(data, train_args.batch_size, train_args.seq_len, rng)
+    logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
+    loss = F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1))  # every action of the window
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), train_args.clip_grad)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    torch.set_num_threads(args.num_threads)
+    configs = {
+        "default": ADArgs(),
+        # SEED_SPEC.md, as README.md's `ad_dt.py --layout three --seq-len 256 ...` command for the seed writes it
+        "seed": ADArgs(
+            layout="three", seq_len=256, history_len=800_000, keep_every=1,
+            embedding_dim=64, num_layers=4, num_heads=4, feed_forward_dim=2048,
+            attention_dropout=0.5, residual_dropout=0.1, embedding_dropout=0.0,
+            batch_size=32, learning_rate=3e-4, min_lr=2e-6, betas=(0.9, 0.99), clip_grad=1.0, num_updates=22_000,
+        ),
+    }
+    updates_per_round = {"default": args.default_updates, "seed": args.seed_updates}
+    tasks, histories = load_histories(args.histories_dir)
+    env = tasks["env"]
+    runs, tokens_per_update = {}, {}
+    for name, c in configs.items():
+        data = make_dataset(histories, c.history_len, c.keep_every)
+        model, optimizer, scheduler = make_model(c, env, args.seed)
+        runs[name] = (model, optimizer, scheduler, data, c, np.random.default_rng(args.seed))
+        tokens_per_update[name] = c.batch_size * c.seq_len * model.config.tokens_per_transition
+        print(
+            f"{name:7s}: layout {c.layout}, seq_len {c.seq_len} ({c.seq_len * model.config.tokens_per_transition} tokens), "
+            f"batch {c.batch_size}, d{c.embedding_dim}, {c.num_layers} layers, {c.num_heads} heads, ff {c.feed_forward_dim}, "
+            f"attention dropout {c.attention_dropout}, {sum(p.numel() for p in model.parameters())} parameters; "
+            f"{len(data['states'])} transitions (--history-len {c.history_len}, --keep-every {c.keep_every})",
+            flush=True,
+        )
+    del histories, data
+
+    # warm-up, then rounds: a few updates of each configuration in turn
+    for name in configs:
+        for _ in range(args.warmup_updates):
+            train_step(*runs[name])
+    round_times = {name: [] for name in configs}  # s/update of each round
+    names = tuple(configs)
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            for _ in range(updates_per_round[name]):
+                train_step(*runs[name])
+            round_times[name].append((time.perf_counter() - start) / updates_per_round[name])
+    s_per_update = {name: float(np.mean(times)) for name, times in round_times.items()}
+    tokens_per_s = {name: tokens_per_update[name] / s_per_update[name] for name in configs}
+    print(f"{args.rounds} interleaved rounds, {args.num_threads} threads:", flush=True)
+    for name in configs:
+        times = round_times[name]
+        print(
+            f"  {name:7s}: {args.rounds * updates_per_round[name]} updates, {tokens_per_update[name]:6d} tokens/update, "
+            f"{s_per_update[name]:.3f} s/update (rounds {min(times):.3f}-{max(times):.3f}), {tokens_per_s[name]:,.0f} tokens/s",
+            flush=True,
+        )
+    # the fastest round of each is the one least slowed by other jobs: small updates suffer more from shared cores
+    best = {name: min(times) for name, times in round_times.items()}
+    per_token = tokens_per_update["seed"] / tokens_per_update["default"]
+    print(
+        f"speedup: {s_per_update['seed'] / s_per_update['default']:.1f}x per update, "
+        f"{s_per_update['seed'] / s_per_update['default'] / per_token:.1f}x per token "
+        f"(fastest rounds: {best['seed'] / best['default']:.1f}x, {best['seed'] / best['default'] / per_token:.1f}x)",
+        flush=True,
+    )
