@@ -46,6 +46,9 @@ class Args:
     keep_every: int = 50
     """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a history k times faster.
     Default: 50 puts an A2C agent's whole learning arc (~1000 episodes per stream) into a few windows"""
+    stream_start_frac: float = 0.0
+    """fraction of training windows that start at the beginning of a stream (evaluation starts from an empty
+    context, which uniform sampling shows in about 1 window in (stream length - seq_len))"""
 
     # Model
     layout: Literal["one", "three"] = "one"
@@ -202,8 +205,10 @@ def make_dataset(histories, history_len=None, keep_every=1):
     return data
 
 
-def sample_windows(data, batch_size, seq_len, rng):
-    """Sample windows of seq_len consecutive transitions, uniformly over all windows inside one stream.
+def sample_windows(data, batch_size, seq_len, rng, stream_start_frac=0.0):
+    """Sample windows of seq_len consecutive transitions, uniformly over all windows inside one stream; with
+    stream_start_frac > 0, about that fraction of them instead start at the first transition of a stream (uniform
+    over the streams that hold a window), where the context starts empty as in the in-context evaluation.
 
     Returns a dict of LongTensors [batch, seq_len] (actions and the INPUT_KEYS) and the windows' first rows
     in the flat table.
@@ -214,6 +219,9 @@ def sample_windows(data, batch_size, seq_len, rng):
     u = rng.integers(0, cum[-1], size=batch_size)
     stream = np.searchsorted(cum, u, side="right")
     starts = data["offsets"][stream] + u - (cum[stream] - num_windows[stream])
+    if stream_start_frac > 0:  # (no extra draws otherwise: the default stream of windows stays as it was)
+        at_start = rng.random(batch_size) < stream_start_frac
+        starts[at_start] = data["offsets"][rng.choice(np.flatnonzero(num_windows > 0), at_start.sum())]
     rows = starts[:, None] + np.arange(seq_len)  # [batch, seq_len]
     return {key: torch.from_numpy(data[key][rows].astype(np.int64)) for key in ("actions", *INPUT_KEYS)}, starts
 
@@ -573,8 +581,8 @@ if __name__ == "__main__":
         _, checkpoint = load_checkpoint(args.resume)
         # the saved arguments become the defaults: only what is given again on the command line changes
         args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
-    if args.seq_len < 2 or args.keep_every < 1 or args.eval_episodes < 1 or args.embedding_dim % args.num_heads:
-        raise SystemExit("error: need --seq-len >= 2, --keep-every >= 1, --eval-episodes >= 1, --embedding-dim divisible by --num-heads")
+    if args.seq_len < 2 or args.keep_every < 1 or args.eval_episodes < 1 or args.embedding_dim % args.num_heads or not 0 <= args.stream_start_frac <= 1:
+        raise SystemExit("error: need --seq-len >= 2, --keep-every >= 1, --eval-episodes >= 1, --embedding-dim divisible by --num-heads, 0 <= --stream-start-frac <= 1")
     # under `torchrun --nproc-per-node N` every process trains on its share of each batch (DistributedDataParallel
     # averages the gradients); rank 0 alone logs, evaluates and checkpoints
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -696,7 +704,7 @@ if __name__ == "__main__":
     for update in progress:
         step = update + 1  # updates done: the x axis of every TensorBoard curve
         start_time = time.perf_counter()
-        batch, _ = sample_windows(data, args.batch_size, args.seq_len, rng)
+        batch, _ = sample_windows(data, args.batch_size, args.seq_len, rng, args.stream_start_frac)
         batch = {key: value[share].to(device) for key, value in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             logits = model(*(batch[key] for key in INPUT_KEYS))

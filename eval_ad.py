@@ -101,8 +101,10 @@ def make_dataset(histories, history_len=None, keep_every=1):
     return data
 
 
-def sample_windows(data, batch_size, seq_len, rng):
-    """Sample windows of seq_len consecutive transitions, uniformly over all windows inside one stream.
+def sample_windows(data, batch_size, seq_len, rng, stream_start_frac=0.0):
+    """Sample windows of seq_len consecutive transitions, uniformly over all windows inside one stream; with
+    stream_start_frac > 0, about that fraction of them instead start at the first transition of a stream (uniform
+    over the streams that hold a window), where the context starts empty as in the in-context evaluation.
 
     Returns a dict of LongTensors [batch, seq_len] (actions and the INPUT_KEYS) and the windows' first rows
     in the flat table.
@@ -113,6 +115,9 @@ def sample_windows(data, batch_size, seq_len, rng):
     u = rng.integers(0, cum[-1], size=batch_size)
     stream = np.searchsorted(cum, u, side="right")
     starts = data["offsets"][stream] + u - (cum[stream] - num_windows[stream])
+    if stream_start_frac > 0:  # (no extra draws otherwise: the default stream of windows stays as it was)
+        at_start = rng.random(batch_size) < stream_start_frac
+        starts[at_start] = data["offsets"][rng.choice(np.flatnonzero(num_windows > 0), at_start.sum())]
     rows = starts[:, None] + np.arange(seq_len)  # [batch, seq_len]
     return {key: torch.from_numpy(data[key][rows].astype(np.int64)) for key in ("actions", *INPUT_KEYS)}, starts
 

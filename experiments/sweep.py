@@ -69,6 +69,7 @@ LEVERS = {
     "a2c_prevnext": ("histories", ["--prev-next-state"]),
     "a2c_rowcol": ("histories", ["--state-embedding", "rowcol"]),
     "a2c_prevnext_rowcol": ("histories", ["--prev-next-state", "--state-embedding", "rowcol"]),
+    "a2c_stream_start": ("histories", ["--stream-start-frac", "0.25"]),
     "a2c_20k_updates": ("histories", ["--num-updates", "20000"]),
     "a2c_big": ("histories", ["--embedding-dim", "128", "--num-layers", "6", "--num-heads", "8", "--feed-forward-dim", "512"]),
     "a2c_noterm": ("histories_a2c_noterm", []),

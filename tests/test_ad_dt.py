@@ -437,3 +437,20 @@ def test_batch_not_divisible_by_the_torchrun_processes_is_one_line(collection, t
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"},
     )
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --batch-size 5 is not divisible by the 2 torchrun processes"]
+
+
+def test_stream_start_windows_begin_with_an_empty_context(collection):
+    _, histories = ad_dt.load_histories(collection)
+    data = ad_dt.make_dataset(histories)
+    first_rows = set(data["offsets"][:-1].tolist())
+    # all of them at a stream's first transition, where the previous action is "none" as in an empty context
+    batch, starts = ad_dt.sample_windows(data, 200, 16, np.random.default_rng(0), stream_start_frac=1.0)
+    assert set(starts.tolist()) <= first_rows and (batch["prev_actions"][:, 0] == ad_dt.NO_ACTION).all()
+    assert len(set(starts.tolist())) > len(first_rows) // 2  # spread over the streams
+    # about half of them, the rest uniform (which almost never hits a stream's start)
+    _, starts = ad_dt.sample_windows(data, 2000, 16, np.random.default_rng(0), stream_start_frac=0.5)
+    assert 0.45 < np.isin(starts, list(first_rows)).mean() < 0.55
+    # 0 (the default) draws exactly what the sampler drew before the option existed
+    a = ad_dt.sample_windows(data, 64, 16, np.random.default_rng(3))[1]
+    b = ad_dt.sample_windows(data, 64, 16, np.random.default_rng(3), stream_start_frac=0.0)[1]
+    np.testing.assert_array_equal(a, b)
