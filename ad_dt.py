@@ -346,7 +346,8 @@ class ADTransformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        d, size = config.embedding_dim, math.isqrt(config.num_states)
+        d = config.embedding_dim
+        self.room_size = size = math.isqrt(config.num_states)  # rows = columns
         if config.state_embedding == "rowcol":
             state_emb = nn.ModuleDict(dict(row=nn.Embedding(size, d), col=nn.Embedding(size, d)))
         else:
@@ -392,9 +393,9 @@ class ADTransformer(nn.Module):
         config.prev_next_state). Returns action logits [B, T, NUM_ACTIONS]. input_pos: None for a plain causal
         pass, or (with caches set up) the token positions [T * tokens_per_transition] of these transitions in the
         cached context."""
-        tr, size = self.transformer, math.isqrt(self.config.num_states)
+        tr = self.transformer
         if self.config.state_embedding == "rowcol":
-            s = tr.state_emb["row"](states // size) + tr.state_emb["col"](states % size)
+            s = tr.state_emb["row"](states // self.room_size) + tr.state_emb["col"](states % self.room_size)
         else:
             s = tr.state_emb(states)
         a, r = tr.action_emb(prev_actions), tr.reward_emb(prev_rewards)  # [B, T, d] each

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Tuple
+from typing import Literal, Tuple
 
 import numpy as np
 import tyro
@@ -135,10 +135,6 @@ def learning_arc(histories, history_len, keep_every, window=50, level=0.9):
             lengths = ends - starts + 1
             arcs.append(int(lengths[:first][np.arange(first) % keep_every == 0].sum()))
     return float(np.median(arcs))
-
-
-def config_value(flags, flag, default):
-    return flags[flags.index(flag) + 1] if flag in flags else default
 
 
 def summarize(study, configs, args):
