@@ -1,5 +1,6 @@
 # Train one A2C agent per DarkRoom task, all agents at once, and write their learning histories for AD.
 # Docs: README.md#collect_historiespy
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -8,7 +9,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -138,6 +139,14 @@ def check_args(args: Args) -> None:
     for name in ["noise_floor", "explorer_eps"]:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    for name in args.tasks:
+        if name not in ("train", "test", "all") and parse_goal(name, args.size) is None:
+            raise SystemExit(
+                f"error: unknown task {name!r}: use train, test, all, or a goal row,col in the {args.size}x{args.size} grid "
+                f"other than the start {args.size // 2},{args.size // 2}"
+            )
+    if not args.tasks:
+        raise SystemExit("error: --tasks names no task")
 
 
 def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, List[Tuple[int, int]]]:
@@ -151,8 +160,19 @@ def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, Li
     }
 
 
+def parse_goal(name: str, size: int) -> Optional[Tuple[int, int]]:
+    """The goal named `row,col` by --tasks, or None unless it is a cell of the grid other than the start (the centre)."""
+    try:
+        goal = tuple(int(x) for x in name.split(","))
+    except ValueError:
+        return None
+    if len(goal) != 2 or not all(0 <= x < size for x in goal) or goal == (size // 2, size // 2):
+        return None
+    return goal
+
+
 def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]], size: int) -> List[Tuple[Tuple[int, int], str]]:
-    """(goal, "train"|"test") of every task named by --tasks, in grid order, without duplicates."""
+    """(goal, "train"|"test") of every task named by --tasks (names checked by `check_args`), in grid order, without duplicates."""
     which = {goal: part for part in ("train", "test") for goal in split[part]}
     chosen = set()
     for name in names:
@@ -161,18 +181,7 @@ def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]]
         elif name == "all":
             chosen.update(which)
         else:
-            try:
-                goal = tuple(int(x) for x in name.split(","))
-            except ValueError:
-                goal = None
-            if goal not in which:
-                raise SystemExit(
-                    f"error: unknown task {name!r}: use train, test, all, or a goal row,col in the {size}x{size} grid "
-                    f"other than the start {size // 2},{size // 2}"
-                )
-            chosen.add(goal)
-    if not chosen:
-        raise SystemExit("error: --tasks names no task")
+            chosen.add(parse_goal(name, size))
     return [(goal, which[goal]) for goal in sorted(chosen)]
 
 
@@ -455,6 +464,218 @@ def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, goal
     plt.close(fig)
 
 
+def directory_config(args: Args, split: Dict[str, List[Tuple[int, int]]]) -> dict:
+    """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
+    algo_keys = {
+        "a2c": ["num_envs", "num_steps", "learning_rate", "adam_eps", "hidden_size", "gamma", "ent_coef", "vf_coef",
+                "max_grad_norm", "history_len"],
+        "noise": ["num_envs", "noise_episodes", "noise_floor", "history_len"],
+        "explorer": ["num_envs", "explorer_eps", "history_len"],
+    }[args.source]
+    return {
+        "format_version": FORMAT_VERSION,
+        "split_seed": args.split_seed,
+        "train": [list(goal) for goal in split["train"]],
+        "test": [list(goal) for goal in split["test"]],
+        "env": {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps},
+        "num_train_tasks": args.num_train_tasks,
+        "source": args.source,
+        "seed": args.seed,
+        "algo": {key: getattr(args, key) for key in algo_keys},
+    }
+
+
+def history_metadata(args: Args, config: dict, goal: Tuple[int, int], part: str) -> dict:
+    """The metadata stored in the history of `goal`: the directory's config, the goal, the shape, the versions."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "goal": list(goal),
+        "split": part,
+        "source": args.source,
+        "env": config["env"],
+        "algo": config["algo"],
+        "seed": args.seed,
+        "split_seed": args.split_seed,
+        "num_streams": args.num_envs,
+        "steps_per_stream": args.steps_per_stream,
+        "total_timesteps": args.total_timesteps,
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+                     "gymnasium": gym.__version__, "toymeta": importlib.metadata.version("toymeta")},
+    }
+
+
+def check_tasks_json(histories_dir: str, config: dict) -> None:
+    """Raise a one-line SystemExit unless the directory has no `tasks.json` yet or one written with `config`."""
+    path = os.path.join(histories_dir, "tasks.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            existing = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is unreadable ({e}); delete it or use another --histories-dir")
+    for key, value in config.items():
+        if existing.get(key) != value:
+            there, now = ("another split", "this one") if key in ("train", "test") else (existing.get(key), value)
+            raise SystemExit(f"error: {histories_dir}/ was made with another config ({key}: {there} there, "
+                             f"{now} now); use the same flags as before or another --histories-dir")
+
+
+def tasks_to_collect(args: Args, config: dict, tasks: List[Tuple[Tuple[int, int], str]]) -> List[Tuple[Tuple[int, int], str]]:
+    """The tasks whose history is missing (all of them with --overwrite); the histories already there must be
+    complete and made with this config (`check_history`)."""
+    todo = []
+    for goal, part in tasks:
+        path = history_path(args.histories_dir, goal, part)
+        if os.path.exists(path) and not args.overwrite:
+            check_history(path, history_metadata(args, config, goal, part))
+        else:
+            todo.append((goal, part))
+    return todo
+
+
+class HistoryRecorder:
+    """What the A2C loop (in main) and the scripted loop share: the rollout storage, the histories, the success counts.
+
+    The rollout is time-major (step, env), its arrays named as the history's. The histories are the first
+    `steps_per_stream` steps of every env stream, kept time-major too and written per agent as (stream, step)
+    once complete. Success = the episode got some reward; counted per env between two logs.
+    """
+
+    def __init__(self, args: Args, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv):
+        self.args, self.config, self.todo, self.envs = args, config, todo, envs
+        T, N = args.num_steps, envs.num_envs
+        self.rollout = {
+            "states": np.zeros((T, N), dtype=np.int64),
+            "actions": np.zeros((T, N), dtype=np.int64),
+            "rewards": np.zeros((T, N), dtype=np.float32),
+            "next_states": np.zeros((T, N), dtype=np.int64),
+            "terminated": np.zeros((T, N), dtype=bool),
+            "truncated": np.zeros((T, N), dtype=bool),
+            "timesteps": np.zeros((T, N), dtype=np.int64),
+        }
+        self.history = {key: np.zeros((args.steps_per_stream, N), dtype=dtype) for key, dtype in HISTORY_KEYS.items()}
+        self.written = 0
+        self.reached = np.zeros(N, dtype=bool)
+        self.episodes = np.zeros(N, dtype=np.int64)
+        self.successes = np.zeros(N, dtype=np.int64)
+        self.curve_steps, self.curve_success = [], []
+        self.global_step = 0  # env steps per agent
+        self.start_time = time.time()
+
+    def step(self, t: int, action: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Step every env and store the transition at step `t` of the rollout.
+
+        Returns the state each action led to (before any reset), the rewards and whether each episode ended.
+        """
+        self.rollout["states"][t] = self.envs.state
+        self.rollout["timesteps"][t] = self.envs.timestep
+        _, reward, terminated, truncated, info = self.envs.step(action)
+        self.rollout["actions"][t] = action
+        self.rollout["rewards"][t] = reward
+        self.rollout["terminated"][t] = terminated
+        self.rollout["truncated"][t] = truncated & ~terminated
+        self.rollout["next_states"][t] = info["final_obs"]
+
+        ended = terminated | truncated
+        self.reached |= reward > 0
+        self.episodes += ended
+        self.successes += ended & self.reached
+        self.reached &= ~ended
+        return info["final_obs"], reward, ended
+
+    def end_rollout(self, update: int, writer: SummaryWriter, progress) -> bool:
+        """Keep the rollout's part of the histories and write them once complete; log the charts every --log-every
+        updates and after the last one. Returns whether the charts were logged (so the caller can add its own)."""
+        args, E = self.args, self.args.num_envs
+        if self.global_step // E < args.steps_per_stream:
+            t0 = self.global_step // E
+            n = min(args.num_steps, args.steps_per_stream - t0)
+            for key in HISTORY_KEYS:
+                self.history[key][t0:t0 + n] = self.rollout[key][:n]
+        self.global_step += E * args.num_steps
+
+        if self.global_step // E >= args.steps_per_stream and self.written == 0:
+            for i, (goal, part) in enumerate(self.todo):
+                arrays = {key: np.ascontiguousarray(array[:, i * E:(i + 1) * E].T) for key, array in self.history.items()}
+                arrays["metadata"] = np.array(json.dumps(history_metadata(args, self.config, goal, part)))
+                write_atomic(history_path(args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
+                self.written += 1
+            self.history = None
+            progress.write(f"{self.written} histories written to {args.histories_dir}/ at {self.global_step} env steps per agent")
+
+        if update % args.log_every != 0 and update != args.num_updates:
+            return False
+        A = len(self.todo)
+        agent_episodes = self.episodes.reshape(A, E).sum(1)
+        success = self.successes.reshape(A, E).sum(1) / np.maximum(agent_episodes, 1)
+        self.episodes[:], self.successes[:] = 0, 0
+        self.curve_steps.append(self.global_step)
+        self.curve_success.append(success)
+        sps = int(self.global_step * A / (time.time() - self.start_time))
+        writer.add_scalar("charts/success_rate_mean", success.mean(), self.global_step)
+        writer.add_scalar("charts/success_rate_min", success.min(), self.global_step)
+        writer.add_scalar("charts/success_rate_max", success.max(), self.global_step)
+        writer.add_scalar("charts/episodes", agent_episodes.mean(), self.global_step)
+        writer.add_scalar("charts/SPS", sps, self.global_step)
+        progress.set_postfix(step=self.global_step, sps=sps, success=f"{success.mean():.2f}")
+        return True
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(recorder: HistoryRecorder, writer: SummaryWriter):
+    """On Ctrl-C: close the writer, say how many histories are written (each one complete), exit with 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        writer.close()
+        print(f"\ninterrupted: {recorder.written} of {len(recorder.todo)} histories written; rerun the same command "
+              f"to collect the rest", file=sys.stderr)
+        sys.exit(130)
+
+
+def collect_scripted(args: Args, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv, rngs,
+                     writer: SummaryWriter) -> HistoryRecorder:
+    """The `noise` and `explorer` sources: nothing to train, each env stream is one `ScriptedLearner` from scratch.
+
+    The same rollouts, histories and charts as the A2C loop in main, with the learner's actions; returns the records.
+    """
+    learner = ScriptedLearner(args.source, envs.goal_states, rngs, args.size, args.noise_episodes, args.noise_floor,
+                              args.explorer_eps)
+    recorder = HistoryRecorder(args, config, todo, envs)
+    envs.reset(seed=args.seed)
+    with exit_on_interrupt(recorder, writer):
+        progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{len(rngs)}", unit="update", mininterval=1.0)
+        for update in progress:
+            for step in range(args.num_steps):
+                action = learner.act(envs.state)
+                next_state, reward, ended = recorder.step(step, action)
+                learner.observe(next_state, reward, ended)
+            recorder.end_rollout(update, writer, progress)
+    return recorder
+
+
+def report(args: Args, recorder: HistoryRecorder, run_name: str) -> None:
+    """Write the learning curves of this run's agents next to the histories (json, png) and print a summary."""
+    elapsed = time.time() - recorder.start_time
+    goals, global_step = [goal for goal, _ in recorder.todo], recorder.global_step
+    name = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in ("train", "test", "all") else "custom"
+    steps, success = np.array(recorder.curve_steps), np.stack(recorder.curve_success)  # (points,), (points, A)
+    curves = {"env_steps_per_agent": steps.tolist(), "goals": [list(g) for g in goals],
+              "success_rate": success.round(4).tolist()}
+    curves_path = os.path.join(args.histories_dir, f"learning_curves_{name}")
+    write_atomic(curves_path + ".json", lambda f: f.write(json.dumps(curves).encode()))
+    plot_learning_curves(curves_path + ".png", steps, success, goals,
+                         f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} agents ({name} tasks)",
+                         args.steps_per_stream * args.num_envs)
+    mean = success.mean(1)
+    above = np.flatnonzero(mean >= 0.9)
+    print(f"{len(goals)} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * len(goals) / elapsed)} "
+          f"env steps/s); final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 from "
+          f"{steps[above[0]] if len(above) else 'never'} env steps per agent")
+    print(f"histories in {args.histories_dir}/, learning curves in {curves_path}.png, TensorBoard in runs/{run_name}/")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -475,70 +696,17 @@ if __name__ == "__main__":
     # tasks, split and the config every history of this directory shares
     split = make_split(args.size, args.num_train_tasks, args.split_seed)
     tasks = select_tasks(args.tasks, split, args.size)
-    env_config = {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps}
-    algo_keys = {
-        "a2c": ["num_envs", "num_steps", "learning_rate", "adam_eps", "hidden_size", "gamma", "ent_coef", "vf_coef",
-                "max_grad_norm", "history_len"],
-        "noise": ["num_envs", "noise_episodes", "noise_floor", "history_len"],
-        "explorer": ["num_envs", "explorer_eps", "history_len"],
-    }[args.source]
-    algo_config = {key: getattr(args, key) for key in algo_keys}
-    tasks_json = {
-        "format_version": FORMAT_VERSION,
-        "split_seed": args.split_seed,
-        "train": [list(goal) for goal in split["train"]],
-        "test": [list(goal) for goal in split["test"]],
-        "env": env_config,
-        "num_train_tasks": args.num_train_tasks,
-        "source": args.source,
-        "seed": args.seed,
-        "algo": algo_config,
-    }
-    tasks_path = os.path.join(args.histories_dir, "tasks.json")
-    if os.path.exists(tasks_path):
-        try:
-            with open(tasks_path) as f:
-                existing = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {tasks_path} is unreadable ({e}); delete it or use another --histories-dir")
-        for key, value in tasks_json.items():
-            if existing.get(key) != value:
-                there, now = ("another split", "this one") if key in ("train", "test") else (existing.get(key), value)
-                raise SystemExit(f"error: {args.histories_dir}/ was made with another config ({key}: {there} there, "
-                                 f"{now} now); use the same flags as before or another --histories-dir")
-
-    def metadata(goal, part):
-        return {
-            "format_version": FORMAT_VERSION,
-            "goal": list(goal),
-            "split": part,
-            "source": args.source,
-            "env": env_config,
-            "algo": algo_config,
-            "seed": args.seed,
-            "split_seed": args.split_seed,
-            "num_streams": args.num_envs,
-            "steps_per_stream": args.steps_per_stream,
-            "total_timesteps": args.total_timesteps,
-            "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                         "gymnasium": gym.__version__, "toymeta": importlib.metadata.version("toymeta")},
-        }
-
-    todo = []
-    for goal, part in tasks:
-        path = history_path(args.histories_dir, goal, part)
-        if os.path.exists(path) and not args.overwrite:
-            check_history(path, metadata(goal, part))
-        else:
-            todo.append((goal, part))
+    config = directory_config(args, split)
+    check_tasks_json(args.histories_dir, config)
+    todo = tasks_to_collect(args, config, tasks)
     if not todo:
         print(f"all {len(tasks)} histories are already in {args.histories_dir}/; nothing to do (--overwrite redoes them)")
         sys.exit(0)
     print(f"collecting {len(todo)} of {len(tasks)} histories ({len(tasks) - len(todo)} already done) into {args.histories_dir}/")
     for part in ("train", "test"):
         os.makedirs(os.path.join(args.histories_dir, part), exist_ok=True)
-    text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in tasks_json.items()) + "\n}\n"
-    write_atomic(tasks_path, lambda f: f.write(text.encode()))
+    text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in config.items()) + "\n}\n"
+    write_atomic(os.path.join(args.histories_dir, "tasks.json"), lambda f: f.write(text.encode()))
 
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
@@ -549,156 +717,64 @@ if __name__ == "__main__":
     # env setup: agent a's envs are a * num_envs ... (a + 1) * num_envs - 1
     goals = [goal for goal, _ in todo]
     A, E, T = len(todo), args.num_envs, args.num_steps
-    N = A * E
     envs = DarkRoomVectorEnv(np.repeat(np.array(goals), E, axis=0), args.size, args.terminate_on_goal, args.max_episode_steps)
     num_states = envs.single_observation_space.n
-    table_row = np.repeat(np.arange(A) * num_states, E)  # row of each env's agent's state 0 in a flattened (A * S) table
-
     seeds, rngs = zip(*[agent_seeds(args.seed, goal, args.size) for goal in goals])
-    if args.source == "a2c":
-        agent = BatchedAgent(list(seeds), num_states, NUM_ACTIONS, args.hidden_size).to(device)
-        # the fused kernel does the same elementwise Adam step in one pass (7x faster than the default on CPU)
-        optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
-    else:
-        learner = ScriptedLearner(args.source, envs.goal_states, rngs, args.size, args.noise_episodes,
-                                  args.noise_floor, args.explorer_eps)
+    if args.source != "a2c":  # the scripted sources have a loop of their own
+        recorder = collect_scripted(args, config, todo, envs, rngs, writer)
+        writer.close()
+        report(args, recorder, run_name)
+        sys.exit(0)
 
-    # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table)
-    obs = np.zeros((T, N), dtype=np.int64)
-    timesteps = np.zeros((T, N), dtype=np.int64)
-    actions = np.zeros((T, N), dtype=np.int64)
-    rewards = np.zeros((T, N), dtype=np.float32)
-    next_obs_true = np.zeros((T, N), dtype=np.int64)
-    terminateds = np.zeros((T, N), dtype=bool)
-    truncateds = np.zeros((T, N), dtype=bool)
-    # the histories, time-major (step, env); written per agent as (stream, step) once complete
-    history = {key: np.zeros((args.steps_per_stream, N), dtype=dtype) for key, dtype in HISTORY_KEYS.items()}
-    written = 0
+    agent = BatchedAgent(list(seeds), num_states, NUM_ACTIONS, args.hidden_size).to(device)
+    # the fused kernel does the same elementwise Adam step in one pass (7x faster than the default on CPU)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
 
-    # success = the episode got some reward; counted per env between two logs
-    reached = np.zeros(N, dtype=bool)
-    episodes = np.zeros(N, dtype=np.int64)
-    successes = np.zeros(N, dtype=np.int64)
-    curve_steps, curve_success = [], []
+    # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
+    recorder = HistoryRecorder(args, config, todo, envs)
+    rollout = recorder.rollout
+    table_row = np.repeat(np.arange(A) * num_states, E)  # row of each env's agent's state 0 in a flattened (A * S) table
 
     def per_agent(x: torch.Tensor) -> torch.Tensor:
         """(T, A * E) -> (A, T * E): each agent's rollout, flattened in a2c_darkroom.py's order."""
         return x.reshape(T, A, E).transpose(0, 1).reshape(A, T * E).to(device)
 
-    global_step = 0  # env steps per agent
-    start_time = time.time()
-    next_obs, info = envs.reset(seed=args.seed)
-    next_timestep = info["timestep"]
-
-    try:
+    envs.reset(seed=args.seed)
+    with exit_on_interrupt(recorder, writer):
         progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{A}", unit="update", mininterval=1.0)
         for update in progress:
-            if args.source == "a2c":
-                # the whole policy and value tables, once per rollout: parameters do not change during a rollout,
-                # so sampling every action from them is exact; the graph is kept for the loss
-                logits, values = agent.tables()
-                with torch.no_grad():
-                    cdf = torch.softmax(logits.double(), dim=1).cumsum(1)[:, :-1]  # (A, K - 1, S)
-                    cdf = cdf.transpose(1, 2).reshape(A * num_states, -1).cpu().numpy()  # row a * S + s
-                    value_table = values.reshape(-1).cpu().numpy()
-                # one uniform per action, from each agent's own generator
-                uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, N)
+            # the whole policy and value tables, once per rollout: parameters do not change during a rollout,
+            # so sampling every action from them is exact; the graph is kept for the loss
+            logits, values = agent.tables()
+            with torch.no_grad():
+                cdf = torch.softmax(logits.double(), dim=1).cumsum(1)[:, :-1]  # (A, K - 1, S)
+                cdf = cdf.transpose(1, 2).reshape(A * num_states, -1).cpu().numpy()  # row a * S + s
+                value_table = values.reshape(-1).cpu().numpy()
+            # one uniform per action, from each agent's own generator
+            uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, A * E)
 
             for step in range(T):
-                obs[step] = next_obs
-                timesteps[step] = next_timestep
-                if args.source == "a2c":
-                    # inverse-CDF sampling from each env's row of its agent's table
-                    action = (cdf[table_row + next_obs] <= uniforms[step, :, None]).sum(1)
-                else:
-                    action = learner.act(next_obs)
-                next_obs, reward, terminated, truncated, info = envs.step(action)
-                if args.source != "a2c":
-                    learner.observe(info["final_obs"], reward, terminated | truncated)
-                actions[step] = action
-                rewards[step] = reward
-                terminateds[step] = terminated
-                truncateds[step] = truncated & ~terminated
-                next_obs_true[step] = info["final_obs"]
-                next_timestep = info["timestep"]
+                # inverse-CDF sampling from each env's row of its agent's table
+                action = (cdf[table_row + envs.state] <= uniforms[step, :, None]).sum(1)
+                recorder.step(step, action)
 
-                ended = terminated | truncated
-                reached |= reward > 0
-                episodes += ended
-                successes += ended & reached
-                reached &= ~ended
+            # ALGO LOGIC: n-step returns, bootstrapped from the critic's table
+            next_values = torch.from_numpy(value_table[table_row + rollout["next_states"]])
+            returns = nstep_returns(torch.from_numpy(rollout["rewards"]), torch.from_numpy(rollout["terminated"]),
+                                    torch.from_numpy(rollout["truncated"]), next_values, args.gamma)
+            pg_loss, v_loss, entropy_loss, grad_norm = a2c_update(
+                agent, optimizer, logits, values, per_agent(torch.from_numpy(rollout["states"])),
+                per_agent(torch.from_numpy(rollout["actions"])), per_agent(returns), args.ent_coef, args.vf_coef,
+                args.max_grad_norm,
+            )
 
-            # the history: the first steps_per_stream steps of every env stream
-            if global_step // E < args.steps_per_stream:
-                t0 = global_step // E
-                n = min(T, args.steps_per_stream - t0)
-                for key, array in (("states", obs), ("actions", actions), ("rewards", rewards),
-                                   ("next_states", next_obs_true), ("terminated", terminateds),
-                                   ("truncated", truncateds), ("timesteps", timesteps)):
-                    history[key][t0:t0 + n] = array[:n]
-            global_step += E * T
+            if recorder.end_rollout(update, writer, progress):
+                writer.add_scalar("losses/policy_loss", pg_loss.mean().item(), recorder.global_step)
+                writer.add_scalar("losses/value_loss", v_loss.mean().item(), recorder.global_step)
+                writer.add_scalar("losses/entropy", entropy_loss.mean().item(), recorder.global_step)
+                writer.add_scalar("losses/grad_norm", grad_norm.mean().item(), recorder.global_step)
 
-            if args.source == "a2c":
-                # ALGO LOGIC: n-step returns, bootstrapped from the critic's table
-                next_values = torch.from_numpy(value_table[table_row + next_obs_true])
-                returns = nstep_returns(torch.from_numpy(rewards), torch.from_numpy(terminateds),
-                                        torch.from_numpy(truncateds), next_values, args.gamma)
-                pg_loss, v_loss, entropy_loss, grad_norm = a2c_update(
-                    agent, optimizer, logits, values, per_agent(torch.from_numpy(obs)),
-                    per_agent(torch.from_numpy(actions)), per_agent(returns), args.ent_coef, args.vf_coef,
-                    args.max_grad_norm,
-                )
-
-            if global_step // E >= args.steps_per_stream and written == 0:
-                for i, (goal, part) in enumerate(todo):
-                    arrays = {key: np.ascontiguousarray(array[:, i * E:(i + 1) * E].T) for key, array in history.items()}
-                    arrays["metadata"] = np.array(json.dumps(metadata(goal, part)))
-                    write_atomic(history_path(args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
-                    written += 1
-                del history
-                progress.write(f"{written} histories written to {args.histories_dir}/ at {global_step} env steps per agent")
-
-            if update % args.log_every == 0 or update == args.num_updates:
-                agent_episodes = episodes.reshape(A, E).sum(1)
-                success = successes.reshape(A, E).sum(1) / np.maximum(agent_episodes, 1)
-                episodes[:], successes[:] = 0, 0
-                curve_steps.append(global_step)
-                curve_success.append(success)
-                sps = int(global_step * A / (time.time() - start_time))
-                writer.add_scalar("charts/success_rate_mean", success.mean(), global_step)
-                writer.add_scalar("charts/success_rate_min", success.min(), global_step)
-                writer.add_scalar("charts/success_rate_max", success.max(), global_step)
-                writer.add_scalar("charts/episodes", agent_episodes.mean(), global_step)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                if args.source == "a2c":
-                    writer.add_scalar("losses/policy_loss", pg_loss.mean().item(), global_step)
-                    writer.add_scalar("losses/value_loss", v_loss.mean().item(), global_step)
-                    writer.add_scalar("losses/entropy", entropy_loss.mean().item(), global_step)
-                    writer.add_scalar("losses/grad_norm", grad_norm.mean().item(), global_step)
-                progress.set_postfix(step=global_step, sps=sps, success=f"{success.mean():.2f}")
-    except KeyboardInterrupt:
-        writer.close()
-        print(f"\ninterrupted: {written} of {len(todo)} histories written; rerun the same command to collect the rest",
-              file=sys.stderr)
-        sys.exit(130)
-
-    elapsed = time.time() - start_time
     writer.close()
-    if args.source == "a2c":
-        torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f"runs/{run_name}/agents.pt")
-
-    # learning curves of this run's agents, next to the histories
-    name = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in ("train", "test", "all") else "custom"
-    steps, success = np.array(curve_steps), np.stack(curve_success)  # (points,), (points, A)
-    curves = {"env_steps_per_agent": steps.tolist(), "goals": [list(g) for g in goals],
-              "success_rate": success.round(4).tolist()}
-    curves_path = os.path.join(args.histories_dir, f"learning_curves_{name}")
-    write_atomic(curves_path + ".json", lambda f: f.write(json.dumps(curves).encode()))
-    plot_learning_curves(curves_path + ".png", steps, success, goals,
-                         f"{args.source} on DarkRoom {args.size}x{args.size}: {A} agents ({name} tasks)", args.steps_per_stream * args.num_envs)
-    mean = success.mean(1)
-    above = np.flatnonzero(mean >= 0.9)
-    print(f"{A} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * A / elapsed)} env steps/s); "
-          f"final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 from "
-          f"{steps[above[0]] if len(above) else 'never'} env steps per agent")
-    print(f"histories in {args.histories_dir}/, learning curves in {curves_path}.png, TensorBoard in runs/{run_name}/")
+    agents_path = f"runs/{run_name}/agents.pt"
+    write_atomic(agents_path, lambda f: torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f))
+    report(args, recorder, run_name)
