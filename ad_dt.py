@@ -1,12 +1,25 @@
 # Algorithm Distillation (Laskin et al. 2022): a small GPT learns to act in context from learning histories. Docs: README.md#ad_dtpy
+import signal
+import sys
+
+
+def on_interrupt(signum, frame):
+    """Ctrl-C anywhere, the imports below included: one line saying what was kept, exit 130, no traceback."""
+    print(f"interrupted: {KEPT}", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+KEPT = "nothing was written"  # what on_interrupt reports; main updates it as outputs appear
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_interrupt)
+
 import json
 import math
 import os
 import pickle
 import random
 import time
-import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional, Tuple
@@ -21,6 +34,8 @@ from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import trange
+
+from collect_histories import DarkRoomVectorEnv  # the env the histories were collected in (this script reads them)
 
 
 @dataclass
@@ -101,6 +116,8 @@ class Args:
     """envs per held-out goal (all goals x seeds run as one batch)"""
     eval_greedy: bool = False
     """if toggled, act greedily instead of sampling from the policy (greedy decoding cannot explore)"""
+    eval_temperature: float = 1.0
+    """sampling temperature of the evaluation's actions (1.0: the policy as trained)"""
     eval_train_goals: bool = True
     """also evaluate on the training goals (one env each; `eval_train/` tags): held-out far below training = memorised goals"""
     diagnostic_windows: int = 64
@@ -122,54 +139,113 @@ HISTORY_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "tr
 INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states")  # model inputs, in forward's order
 
 
-# data: load and validate the histories, change their pace, sample windows
+def check_args(args, world_size=1):
+    """Reject every bad flag with a one-line message naming it, before any work."""
+    def need(ok, flag, rule):
+        if not ok:
+            raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+
+    for name in ("num_threads", "keep_every", "embedding_dim", "num_layers", "num_heads", "feed_forward_dim", "batch_size",
+                 "num_updates", "eval_every", "eval_episodes", "eval_seeds", "checkpoint_every"):
+        need(getattr(args, name) >= 1, name.replace("_", "-"), "at least 1")
+    need(args.seed >= 0, "seed", "at least 0")
+    need(args.seq_len >= 2, "seq-len", "at least 2 (a window holds the transitions before the action predicted)")
+    need(args.history_len is None or args.history_len >= 1, "history-len", "at least 1, or None to keep whole histories")
+    need(args.warmup_steps >= 0, "warmup-steps", "at least 0")
+    need(args.diagnostic_windows >= 0, "diagnostic-windows", "at least 0")
+    need(0 <= args.stream_start_frac <= 1, "stream-start-frac", "in [0, 1]")
+    for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+        need(0 <= getattr(args, name) < 1, name.replace("_", "-"), "in [0, 1)")
+    need(math.isfinite(args.learning_rate) and args.learning_rate > 0, "learning-rate", "positive")
+    need(0 <= args.min_lr <= args.learning_rate, "min-lr", "in [0, --learning-rate]")
+    need(all(0 <= b < 1 for b in args.betas), "betas", "two numbers in [0, 1)")
+    need(args.clip_grad > 0, "clip-grad", "positive")
+    need(math.isfinite(args.eval_temperature) and args.eval_temperature > 0, "eval-temperature", "positive (--eval-greedy for argmax)")
+    need(args.embedding_dim % args.num_heads == 0, "embedding-dim", f"divisible by --num-heads {args.num_heads}")
+    need(args.batch_size % world_size == 0, "batch-size", f"divisible by the {world_size} torchrun processes")
+    need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
+
+
+def read_tasks(root):
+    """tasks.json of a histories directory, validated: the format version, the env and the split."""
+    path = Path(root) / "tasks.json"
+    if not path.is_file():
+        fix = ("rerun the collect_histories.py command that wrote it (it rebuilds tasks.json from the histories' metadata)"
+               if any(Path(root).glob("*/*.npz")) else "run `python collect_histories.py` first")
+        raise SystemExit(f"error: no {path}: {fix}")
+    try:
+        tasks = json.loads(path.read_text())
+        env, cells = tasks["env"], [tuple(goal) for part in ("train", "test") for goal in tasks[part]]
+        size, steps = env["size"], env["max_episode_steps"]
+        valid = (isinstance(size, int) and 3 <= size <= 16 and isinstance(steps, int) and 1 <= steps <= 256
+                 and isinstance(env["terminate_on_goal"], bool) and len(set(cells)) == len(cells)
+                 and all(len(cell) == 2 and all(isinstance(x, int) and 0 <= x < size for x in cell) for cell in cells))
+    except Exception as e:  # not JSON, not an object, a key missing, a value of the wrong type
+        raise SystemExit(f"error: {path} is not a valid tasks.json ({type(e).__name__}: {e}): collect again, or restore it")
+    if not valid:
+        raise SystemExit(f"error: {path} has an env or goals out of range, or a goal twice: collect again, or restore it")
+    if tasks.get("format_version") != FORMAT_VERSION:
+        raise SystemExit(f"error: {path} has format_version {tasks.get('format_version')}, expected {FORMAT_VERSION}")
+    return tasks
+
+
+def read_history(path, env):
+    """One history file, validated completely: (metadata, arrays). Anything wrong exits with one line naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as h:
+            meta = json.loads(h["metadata"].item())
+            arrays = {key: h[key] for key in HISTORY_KEYS}  # reads, decompresses and CRC-checks every array
+    except Exception as e:  # not a zip, a missing key, a corrupt stream (zlib.error), bad JSON ...
+        raise SystemExit(f"error: cannot read {path} as a history file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+    if not isinstance(meta, dict):
+        raise SystemExit(f"error: {path} has metadata that is not a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SystemExit(f"error: {path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    if meta.get("env") != env:
+        raise SystemExit(f"error: {path} was collected with env {meta.get('env')}, but tasks.json says {env}")
+    goal = meta.get("goal")
+    if not (isinstance(goal, list) and len(goal) == 2 and all(isinstance(x, int) and 0 <= x < env["size"] for x in goal)):
+        raise SystemExit(f"error: {path} has goal {goal}, not a cell of the {env['size']}x{env['size']} room")
+    shape = arrays["states"].shape
+    if len(shape) != 2 or min(shape) < 1 or any(a.shape != shape for a in arrays.values()):
+        raise SystemExit(f"error: {path} needs arrays of one shape (streams >= 1, steps >= 1), got {[a.shape for a in arrays.values()]}")
+    num_states = env["size"] ** 2
+    limits = {"states": num_states, "next_states": num_states, "actions": NUM_ACTIONS, "rewards": 2, "timesteps": env["max_episode_steps"]}
+    for key in HISTORY_KEYS:
+        dtype = np.bool_ if key in ("terminated", "truncated") else np.uint8
+        if arrays[key].dtype != dtype:
+            raise SystemExit(f"error: {path} has {key} of dtype {arrays[key].dtype}, expected {np.dtype(dtype)}")
+        if key in limits and arrays[key].max() >= limits[key]:  # uint8: never below 0
+            raise SystemExit(f"error: {path} has {key} up to {arrays[key].max()}, outside 0..{limits[key] - 1}")
+    if not np.array_equal(arrays["rewards"] == 1, arrays["next_states"] == goal[0] * env["size"] + goal[1]):
+        raise SystemExit(f"error: {path} has rewards that do not match its goal {goal}")
+    return meta, arrays
+
+
 def load_histories(histories_dir, split="train"):
-    """Return (tasks.json contents, list of per-agent arrays) of the histories of one split; bad input exits with one line.
+    """Return (tasks.json contents, list of per-agent arrays, each with its "meta") of one split, validated.
 
     split "train": the training data. split "test": the held-out tasks' histories, read only to measure the
-    teacher-forced loss on them (a diagnostic of copying vs learning); an absent `test/` gives an empty list.
+    teacher-forced loss on them (a diagnostic of copying vs learning) and, in eval_ad.py, the source from
+    scratch; an absent `test/` gives an empty list. A held-out goal never passes as training data.
     """
     root = Path(histories_dir)
+    if not root.is_dir():
+        raise SystemExit(f"error: --histories-dir {root} is not a directory: run `python collect_histories.py` first")
+    tasks = read_tasks(root)
     files = sorted((root / split).glob("*.npz"))
-    if not (root / "tasks.json").is_file() or (not files and split == "train"):
+    if not files and split == "train":
         raise SystemExit(f"error: no training histories in {root}/train: run `python collect_histories.py` first")
-    try:
-        tasks = json.loads((root / "tasks.json").read_text())
-    except ValueError as e:
-        raise SystemExit(f"error: {root}/tasks.json is not valid JSON ({e})")
-    if tasks.get("format_version") != FORMAT_VERSION:
-        raise SystemExit(f"error: {root}/tasks.json has format_version {tasks.get('format_version')}, expected {FORMAT_VERSION}")
-    train_goals = [tuple(g) for g in tasks["train"]]
-    test_goals = [tuple(g) for g in tasks["test"]]
     histories = []
     for path in files:
-        try:
-            with np.load(path, allow_pickle=False) as h:
-                meta = json.loads(h["metadata"].item())
-                arrays = {key: h[key] for key in HISTORY_KEYS}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-            raise SystemExit(f"error: cannot read {path} as a history file ({type(e).__name__}: {e})")
-        goal = tuple(meta.get("goal", ()))
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise SystemExit(f"error: {path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        if split == "test":
-            if meta.get("split") != "test" or goal not in test_goals:
-                raise SystemExit(f"error: {path} is not a history of a held-out test task in {root}/tasks.json")
-        elif meta.get("split") != "train" or goal in test_goals:
-            raise SystemExit(f"error: {path} is a history of the held-out test task {list(goal)}: test tasks are never training data")
-        elif goal not in train_goals:
-            raise SystemExit(f"error: {path} has goal {list(goal)}, which is not a training task in {root}/tasks.json")
-        if meta.get("env") != tasks["env"]:
-            raise SystemExit(f"error: {path} was collected with env {meta.get('env')}, but {root}/tasks.json says {tasks['env']}")
-        shapes = {a.shape for a in arrays.values()}
-        if len(shapes) != 1 or len(shapes.pop()) != 2:
-            raise SystemExit(f"error: {path} has arrays of different or non-(streams, steps) shapes")
-        env = tasks["env"]
-        limits = {"states": env["size"] ** 2, "next_states": env["size"] ** 2, "actions": NUM_ACTIONS, "rewards": 2, "timesteps": env["max_episode_steps"]}
-        for key, limit in limits.items():
-            if arrays[key].size and arrays[key].max() >= limit:
-                raise SystemExit(f"error: {path} has {key} up to {arrays[key].max()}, outside 0..{limit - 1}")
-        histories.append(arrays)
+        meta, arrays = read_history(path, tasks["env"])
+        if split == "test" and (meta.get("split") != "test" or meta["goal"] not in tasks["test"]):
+            raise SystemExit(f"error: {path} is not a history of a held-out test task in {root}/tasks.json")
+        if split == "train" and (meta.get("split") != "train" or meta["goal"] in tasks["test"]):
+            raise SystemExit(f"error: {path} is a history of the held-out test task {meta['goal']}: test tasks are never training data")
+        if split == "train" and meta["goal"] not in tasks["train"]:
+            raise SystemExit(f"error: {path} has goal {meta['goal']}, which is not a training task in {root}/tasks.json")
+        histories.append({"meta": meta, **arrays})
     return tasks, histories
 
 
@@ -401,11 +477,11 @@ class ADTransformer(nn.Module):
         a, r = tr.action_emb(prev_actions), tr.reward_emb(prev_rewards)  # [B, T, d] each
         if self.config.prev_next_state:  # where the rewarded (or any) previous action led; NO_STATE -> the last row
             r = r + tr.next_state_emb(prev_next_states.clamp(max=self.config.num_states))
-        time = tr.timestep_emb(timesteps)  # [B, T, d]
+        t = tr.timestep_emb(timesteps)  # [B, T, d]: position = the env's step within the episode
         if self.config.layout == "three":
-            x = (torch.stack([a, r, s], dim=2) + time[:, :, None]).flatten(1, 2)  # [B, 3T, d]: ..., a_{t-1}, r_{t-1}, s_t, ...
+            x = (torch.stack([a, r, s], dim=2) + t[:, :, None]).flatten(1, 2)  # [B, 3T, d]: ..., a_{t-1}, r_{t-1}, s_t, ...
         else:
-            x = s + a + r + time  # [B, T, d]
+            x = s + a + r + t  # [B, T, d]
         x = tr.drop(x)
         mask = None
         if input_pos is not None:
@@ -418,47 +494,19 @@ class ADTransformer(nn.Module):
 
 
 # in-context evaluation: many goals at once, from an empty context, with the KV cache
-class BatchDarkRoom:
-    """toymeta's DarkRoom(random_start=False) under gymnasium's TimeLimit, one env per goal, in numpy.
-    An env that ends an episode is reset at once (back to the centre, timestep 0)."""
-
-    MOVES = np.array([[0, 0], [-1, 0], [0, 1], [1, 0], [0, -1]])  # noop, up, right, down, left
-
-    def __init__(self, goals, size=9, terminate_on_goal=True, max_episode_steps=20):
-        self.goals = np.asarray(goals, dtype=np.int64).reshape(-1, 2)  # [N, 2]
-        self.size, self.terminate_on_goal, self.max_episode_steps = size, terminate_on_goal, max_episode_steps
-
-    def reset(self):
-        self.pos = np.full((len(self.goals), 2), self.size // 2)  # [N, 2] row, col
-        self.timestep = np.zeros(len(self.goals), dtype=np.int64)  # step within the episode of the next action
-        return self.pos[:, 0] * self.size + self.pos[:, 1]
-
-    def step(self, actions):
-        """Returns (next states, after a reset where the episode ended), rewards, terminated, truncated.
-        `self.reached` keeps the cells that the actions led to, before any reset (the histories' next_states)."""
-        self.pos = np.clip(self.pos + self.MOVES[actions], 0, self.size - 1)
-        self.reached = self.pos[:, 0] * self.size + self.pos[:, 1]
-        self.timestep += 1
-        rewards = (self.pos == self.goals).all(axis=1).astype(np.float32)
-        terminated = (rewards > 0) & self.terminate_on_goal
-        truncated = (self.timestep >= self.max_episode_steps) & ~terminated
-        done = terminated | truncated
-        self.pos[done] = self.size // 2
-        self.timestep[done] = 0
-        return self.pos[:, 0] * self.size + self.pos[:, 1], rewards, terminated, truncated
-
-
 @torch.no_grad()
-def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False, seed=0, use_cache=True):
+def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False, seed=0, use_cache=True, temperature=1.0):
     """Run len(goals) x num_seeds envs in lockstep for num_episodes whole episodes each, from an empty context.
 
     Per step only the new transition's tokens go through the model (use_cache=False recomputes the whole
     window instead: same logits, for benchmarks and tests). When the context holds seq_len transitions,
     it drops to its most recent seq_len // 2 (the new one included) and those are re-prefilled, so every
     action's logits are those of a plain forward pass over exactly the transitions in the context.
-    env: dict(size, terminate_on_goal, max_episode_steps). Env i has goal goals[i // num_seeds].
+    env: dict(size, terminate_on_goal, max_episode_steps). Env i has goal goals[i // num_seeds]. Actions are sampled
+    from softmax(logits / temperature), or the argmax with greedy.
     Returns numpy arrays: returns, successes, lengths [envs, num_episodes]; the trajectory states, actions,
-    rewards, timesteps [envs, steps] and logits [envs, steps, NUM_ACTIONS]; goals [envs, 2].
+    rewards, next_states (where each action led, before any reset), timesteps [envs, steps] and logits
+    [envs, steps, NUM_ACTIONS]; goals [envs, 2].
     """
     was_training = model.training
     model.eval()
@@ -466,14 +514,14 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     k = model.config.tokens_per_transition
     goals = np.repeat(np.asarray(goals, dtype=np.int64).reshape(-1, 2), num_seeds, axis=0)
     N = len(goals)
-    room = BatchDarkRoom(goals, env["size"], env["terminate_on_goal"], env["max_episode_steps"])
+    envs = DarkRoomVectorEnv(goals, env["size"], env["terminate_on_goal"], env["max_episode_steps"])
     generator = torch.Generator(device=device).manual_seed(seed)
     returns, lengths = np.zeros((N, num_episodes), np.float32), np.zeros((N, num_episodes), np.int64)
     episode = np.zeros(N, dtype=np.int64)  # episodes finished by each env
-    trajectory = {key: [] for key in ("states", "actions", "rewards", "timesteps", "logits")}
+    trajectory = {key: [] for key in ("states", "actions", "rewards", "next_states", "timesteps", "logits")}
     context = torch.zeros(len(INPUT_KEYS), N, L, dtype=torch.long, device=device)  # the INPUT_KEYS of each transition
     n = 0  # transitions in the context
-    state = room.reset()
+    state, info = envs.reset()
     prev_action, prev_reward, prev_next_state = np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE)
     if use_cache:
         model.setup_caches(N)
@@ -483,7 +531,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             if n == L:  # full: keep the most recent half, the new transition included, and re-prefill it
                 context[:, :, : L // 2 - 1] = context[:, :, n - (L // 2 - 1) : n].clone()
                 n, new = L // 2 - 1, 0
-            transition = np.stack([state, prev_action, prev_reward, room.timestep, prev_next_state])  # [5, N]
+            transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state])  # [5, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1
             if use_cache:
@@ -494,19 +542,20 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             if greedy:
                 action = logits.argmax(-1)
             else:
-                action = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+                action = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(-1)
             action = action.cpu().numpy()
             trajectory["states"].append(state)
-            trajectory["timesteps"].append(room.timestep.copy())
+            trajectory["timesteps"].append(info["timestep"])
             trajectory["actions"].append(action)
             trajectory["logits"].append(logits.cpu().numpy())
-            state, reward, terminated, truncated = room.step(action)
+            state, reward, terminated, truncated, info = envs.step(action)
             trajectory["rewards"].append(reward)
+            trajectory["next_states"].append(info["final_obs"])
             active = np.flatnonzero(episode < num_episodes)
             returns[active, episode[active]] += reward[active]
             lengths[active, episode[active]] += 1
             episode += terminated | truncated
-            prev_action, prev_reward, prev_next_state = action, reward.astype(np.int64), room.reached  # carried across the episode boundary
+            prev_action, prev_reward, prev_next_state = action, reward.astype(np.int64), info["final_obs"]  # carried across the episode boundary
     finally:
         if use_cache:
             model.clear_caches()
@@ -570,32 +619,79 @@ def load_checkpoint(path, device="cpu"):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
         model = ADTransformer(GPTConfig(**checkpoint["model_config"])).to(device)
         model.load_state_dict(checkpoint["model"])
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        raise SystemExit(f"error: cannot load an ad_dt.py checkpoint from {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+    except Exception as e:  # missing, truncated, not a torch file, or not one of ours: all the same to the user
+        raise SystemExit(f"error: {path} is not a readable ad_dt.py checkpoint ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
     return model.eval(), checkpoint
 
 
-if __name__ == "__main__":
+def parse_args():
+    """Args from the command line; with --resume, the checkpoint's saved arguments are the defaults. Returns (args, checkpoint or None)."""
     args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume:
-        _, checkpoint = load_checkpoint(args.resume)
-        # the saved arguments become the defaults: only what is given again on the command line changes
-        args = tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume}))
-    if args.seq_len < 2 or args.keep_every < 1 or args.eval_episodes < 1 or args.embedding_dim % args.num_heads or not 0 <= args.stream_start_frac <= 1:
-        raise SystemExit("error: need --seq-len >= 2, --keep-every >= 1, --eval-episodes >= 1, --embedding-dim divisible by --num-heads, 0 <= --stream-start-frac <= 1")
+    if not args.resume:
+        return args, None
+    _, checkpoint = load_checkpoint(args.resume)
+    # only what is given again on the command line changes
+    return tyro.cli(Args, default=Args(**{**checkpoint["args"], "resume": args.resume})), checkpoint
+
+
+def check_resume(checkpoint, args, tasks, config):
+    """A resumed run must see the same task split, env and model: otherwise held-out goals could become training data."""
+    for key in ("train", "test", "env"):
+        if checkpoint["tasks"].get(key) != tasks[key]:
+            raise SystemExit(f"error: {args.histories_dir}/tasks.json has another {key} ({tasks[key]}) than {args.resume} "
+                             f"({checkpoint['tasks'].get(key)}): resume with the checkpoint's --histories-dir "
+                             f"{checkpoint['args']['histories_dir']}, or start a new run")
+    if asdict(config) != checkpoint["model_config"]:
+        raise SystemExit(f"error: the model flags differ from those saved in {args.resume}; leave them out to resume")
+
+
+def save_checkpoint(path, **state):
+    """torch.save to a temp name, then rename: never a half-written checkpoint."""
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def diagnostic_batches(datasets, args, device):
+    """Fixed windows of each dataset (training, held-out) for the teacher-forced `diagnostics/` losses; their own
+    generator leaves the training stream of windows as it was."""
+    rng, batches = np.random.default_rng(args.seed + 1), {}
+    for name, data in datasets.items():
+        if args.diagnostic_windows > 0 and np.diff(data["offsets"]).max() >= args.seq_len:
+            batch, _ = sample_windows(data, args.diagnostic_windows, args.seq_len, rng)
+            batches[name] = {key: value.to(device) for key, value in batch.items()}
+    return batches
+
+
+def log_evaluation(writer, model, tasks, args, step, batches):
+    """In-context evaluation on the held-out goals (and the training goals) plus the teacher-forced losses, to
+    TensorBoard; returns a one-line summary."""
+    result = evaluate_in_context(model, tasks["test"], tasks["env"], args.eval_seeds, args.eval_episodes, args.eval_greedy, args.seed,
+                                 temperature=args.eval_temperature)
+    summary = summarize_evaluation(result)
+    for key, value in summary.items():
+        writer.add_scalar(f"eval/{key}", value, step)
+    writer.add_figure("eval/return_by_episode", plot_by_episode(result, f"held-out goals, update {step}"), step)
+    for name, batch in batches.items():
+        writer.add_scalar(f"diagnostics/{name}_action_loss", teacher_forced_loss(model, batch), step)
+    line = f"update {step}: held-out " + ", ".join(f"{key} {value:.3f}" for key, value in summary.items())
+    if args.eval_train_goals:
+        train_result = evaluate_in_context(model, tasks["train"], tasks["env"], 1, args.eval_episodes, args.eval_greedy, args.seed,
+                                       temperature=args.eval_temperature)
+        train_summary = summarize_evaluation(train_result)
+        for key, value in train_summary.items():
+            writer.add_scalar(f"eval_train/{key}", value, step)
+        line += f"; training goals success_rate {train_summary['success_rate']:.3f}"
+    return line
+
+
+if __name__ == "__main__":
+    args, checkpoint = parse_args()
     # under `torchrun --nproc-per-node N` every process trains on its share of each batch (DistributedDataParallel
     # averages the gradients); rank 0 alone logs, evaluates and checkpoints
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if args.batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} torchrun processes")
-    use_cuda = args.cuda and torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-    use_bf16 = use_cuda and torch.cuda.is_bf16_supported()  # training only: evaluation stays in float32
-    if world_size > 1:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    check_args(args, world_size)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.cuda else "cpu")
+    use_bf16 = args.cuda and torch.cuda.is_bf16_supported()  # training only: evaluation stays in float32
     tasks, histories = load_histories(args.histories_dir)
     _, test_histories = load_histories(args.histories_dir, "test")
     data = make_dataset(histories, args.history_len, args.keep_every)
@@ -603,6 +699,25 @@ if __name__ == "__main__":
     if np.diff(data["offsets"]).max() < args.seq_len:
         raise SystemExit(f"error: no stream holds --seq-len {args.seq_len} transitions after --history-len/--keep-every")
     env = tasks["env"]
+    config = GPTConfig(num_states=env["size"] ** 2, max_episode_steps=env["max_episode_steps"],
+                       **{f.name: getattr(args, f.name) for f in fields(GPTConfig) if hasattr(args, f.name)})
+    if checkpoint is not None:
+        check_resume(checkpoint, args, tasks, config)
+        run_name, run_dir = checkpoint["run_name"], Path(args.resume).parent
+    else:
+        run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = Path("runs") / run_name
+    if rank == 0:  # the outputs' directory is writable before any work is done for them
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.joinpath(".writable").touch()
+            run_dir.joinpath(".writable").unlink()
+        except OSError as e:
+            raise SystemExit(f"error: cannot write the run directory {run_dir} ({e.strerror}): make runs/ writable or run elsewhere")
+    if world_size > 1:
+        if args.cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if args.cuda else "gloo")
 
     # seeding
     random.seed(args.seed)
@@ -611,59 +726,29 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.num_threads)
     rng = np.random.default_rng(args.seed)  # window sampling: the same global batch on every rank
-
     # fixed windows for the teacher-forced diagnostics: training tasks, and held-out tasks where collected
-    # (`collect_histories.py --tasks test`); their own generator leaves the training stream of windows as it was
-    diagnostic_rng = np.random.default_rng(args.seed + 1)
-    diagnostic_data = {"train": data}
-    if test_histories:
-        diagnostic_data["heldout"] = make_dataset(test_histories, args.history_len, args.keep_every)
-    del test_histories
-    diagnostic_batches = {}
-    for name, d in diagnostic_data.items():
-        if np.diff(d["offsets"]).max() >= args.seq_len:
-            batch, _ = sample_windows(d, args.diagnostic_windows, args.seq_len, diagnostic_rng)
-            diagnostic_batches[name] = {key: value.to(device) for key, value in batch.items()}
+    datasets = {"train": data, **({"heldout": make_dataset(test_histories, args.history_len, args.keep_every)} if test_histories else {})}
+    batches = diagnostic_batches(datasets, args, device)
+    del test_histories, datasets
 
     # model and optimizer
-    config = GPTConfig(
-        num_states=env["size"] ** 2,
-        max_episode_steps=env["max_episode_steps"],
-        seq_len=args.seq_len,
-        layout=args.layout,
-        state_embedding=args.state_embedding,
-        prev_next_state=args.prev_next_state,
-        embedding_dim=args.embedding_dim,
-        num_layers=args.num_layers,
-        num_heads=args.num_heads,
-        feed_forward_dim=args.feed_forward_dim,
-        attention_dropout=args.attention_dropout,
-        residual_dropout=args.residual_dropout,
-        embedding_dropout=args.embedding_dropout,
-    )
     model = raw_model = ADTransformer(config).to(device)  # the same initial weights on every rank
     if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if use_cuda else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[device.index] if args.cuda else None, broadcast_buffers=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate, betas=args.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args=args))
     start = 0
     if checkpoint is not None:
-        if asdict(config) != checkpoint["model_config"]:
-            raise SystemExit(f"error: the model flags differ from those saved in {args.resume}; leave them out to resume")
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start = checkpoint["update"]
         rng.bit_generator.state = checkpoint["rng"]["numpy"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        run_name, run_dir = checkpoint["run_name"], Path(args.resume).parent
-    else:
-        run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-        if world_size > 1:  # rank 0's clock names the run for all
-            names = [run_name]
-            dist.broadcast_object_list(names, src=0)
-            run_name = names[0]
-        run_dir = Path("runs") / run_name
+    elif world_size > 1:  # rank 0's clock names the run for all
+        names = [run_name]
+        dist.broadcast_object_list(names, src=0)
+        run_name, run_dir = names[0], Path("runs") / names[0]
     if rank > 0:  # other dropout masks than rank 0's (which keeps the single-process stream)
         torch.manual_seed(args.seed + 1000 * rank + start)
 
@@ -674,28 +759,9 @@ if __name__ == "__main__":
             "hyperparameters",
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
         )
-        num_streams = len(data["offsets"]) - 1
         num_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{run_name}: {num_streams} streams, {len(data['states'])} transitions, {num_params} parameters, {world_size} process(es) on {device}")
-
-    def save_checkpoint(update):
-        path = run_dir / f"ad_dt_{update:06d}.pt"
-        torch.save(
-            {
-                "model": raw_model.state_dict(),
-                "model_config": asdict(config),
-                "args": asdict(args),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "update": update,
-                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
-                "tasks": tasks,
-                "run_name": run_name,
-            },
-            path.with_suffix(".tmp"),
-        )
-        os.replace(path.with_suffix(".tmp"), path)  # never a half-written checkpoint
-        return path
+        print(f"{run_name}: {len(data['offsets']) - 1} streams, {len(data['states'])} transitions, {num_params} parameters, {world_size} process(es) on {device}")
+        KEPT = f"the TensorBoard logs in {run_dir}/ (no checkpoint yet)"
 
     # ALGO LOGIC: imitate the actions of the learning histories, one window at a time
     tokens_per_update = args.batch_size * args.seq_len * config.tokens_per_transition
@@ -728,28 +794,19 @@ if __name__ == "__main__":
         writer.add_scalar("charts/learning_rate", learning_rate, step)
         writer.add_scalar("charts/tokens_per_sec", tokens_per_update / (time.perf_counter() - start_time), step)
         progress.set_postfix(loss=f"{loss:.3f}")
-
         if step % args.eval_every == 0 or step == args.num_updates:
-            result = evaluate_in_context(raw_model, tasks["test"], env, args.eval_seeds, args.eval_episodes, args.eval_greedy, args.seed)
-            summary = summarize_evaluation(result)
-            for key, value in summary.items():
-                writer.add_scalar(f"eval/{key}", value, step)
-            writer.add_figure("eval/return_by_episode", plot_by_episode(result, f"held-out goals, update {step}"), step)
-            for name, batch in diagnostic_batches.items():
-                writer.add_scalar(f"diagnostics/{name}_action_loss", teacher_forced_loss(raw_model, batch), step)
-            line = f"update {step}: held-out " + ", ".join(f"{key} {value:.3f}" for key, value in summary.items())
-            if args.eval_train_goals:
-                train_result = evaluate_in_context(raw_model, tasks["train"], env, 1, args.eval_episodes, args.eval_greedy, args.seed)
-                train_summary = summarize_evaluation(train_result)
-                for key, value in train_summary.items():
-                    writer.add_scalar(f"eval_train/{key}", value, step)
-                line += f"; training goals success_rate {train_summary['success_rate']:.3f}"
-            progress.write(line)
+            progress.write(log_evaluation(writer, raw_model, tasks, args, step, batches))
         if step % args.checkpoint_every == 0 or step == args.num_updates:
-            path = save_checkpoint(step)
+            path = run_dir / f"ad_dt_{step:06d}.pt"
+            save_checkpoint(path, model=raw_model.state_dict(), model_config=asdict(config), args=asdict(args),
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), update=step,
+                            rng={"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}, tasks=tasks, run_name=run_name)
+            KEPT = f"checkpoints up to {path}: continue with `python ad_dt.py --resume {path}`"
     if world_size > 1:
         dist.destroy_process_group()
     if rank == 0:
         writer.close()
         if start < args.num_updates:
             print(f"checkpoint: {path}")
+        else:
+            print(f"{args.resume} is the run's last update ({start} of --num-updates {args.num_updates}): nothing to do")
