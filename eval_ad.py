@@ -6,7 +6,7 @@ import sys
 
 def on_interrupt(signum, frame):
     """Ctrl-C anywhere, the imports below included: one line saying what was kept, exit 130, no traceback."""
-    print(f"interrupted: {KEPT}", file=sys.stderr, flush=True)
+    print(f"\ninterrupted: {KEPT}", file=sys.stderr, flush=True)  # on a line of its own, below any progress bar
     sys.exit(130)
 
 
