@@ -57,7 +57,7 @@ class Args:
     history_len: Optional[int] = 200_000
     """keep the first `history_len` transitions of each agent, counted over all its streams as
     collect_histories.py counts them (`history_len // num_streams` per stream); None keeps all.
-    Default: the seed's A2C agents pass 0.9 success by ~170k steps, after that a history only repeats itself"""
+    Default: the original design's A2C agents pass 0.9 success by ~170k steps, after that a history only repeats itself"""
     keep_every: int = 50
     """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a history k times faster.
     Default: 50 puts an A2C agent's whole learning arc (~1000 episodes per stream) into a few windows"""
@@ -68,7 +68,7 @@ class Args:
     # Model
     layout: Literal["one", "three"] = "one"
     """tokens per transition: "one" = emb(state) + emb(previous action) + emb(previous reward);
-    "three" = the seed's interleaved stream ... a_{t-1}, r_{t-1}, s_t ..., the action read from the state token"""
+    "three" = the original design's interleaved stream ... a_{t-1}, r_{t-1}, s_t ..., the action read from the state token"""
     state_embedding: Literal["cell", "rowcol"] = "cell"
     """"cell" = one learnt vector per cell; "rowcol" = emb(row) + emb(column), which tells the model which cells are neighbours"""
     prev_next_state: bool = False
@@ -83,9 +83,9 @@ class Args:
     num_heads: int = 4
     """number of attention heads"""
     feed_forward_dim: int = 256
-    """hidden width of each block's MLP (the seed used 2048)"""
+    """hidden width of each block's MLP (the original design used 2048)"""
     attention_dropout: float = 0.0
-    """dropout on attention weights (the seed used 0.5; any value > 0 makes SDPA leave its fused CPU kernel: 5-12x slower)"""
+    """dropout on attention weights (the original design used 0.5; any value > 0 makes SDPA leave its fused CPU kernel: 5-12x slower)"""
     residual_dropout: float = 0.1
     """dropout on the attention and MLP outputs"""
     embedding_dropout: float = 0.0

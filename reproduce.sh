@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole Algorithm Distillation pipeline with the CPU defaults, for two sources side by side:
-#   A2C (the seed's algorithm)  : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/
-#   explorer (issue 9's source) : histories_explorer/  -> runs/ad_explorer__*/ -> results/ad_explorer/
+#   A2C (the original design's) : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/
+#   explorer (scripted source)  : histories_explorer/  -> runs/ad_explorer__*/ -> results/ad_explorer/
 # Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
 # and an evaluation newer than its checkpoint is kept.
 set -euo pipefail

@@ -1,4 +1,4 @@
-# Env steps/s of collect_histories.py (all agents batched) vs a2c_darkroom.py's one-agent-at-a-time loop. Docs: README.md#benchmarks
+# Env steps/s of collect_histories.py (all agents batched) vs a2c_darkroom.py's one-agent-at-a-time loop. Docs: benchmarks/README.md
 import os
 import subprocess
 import sys

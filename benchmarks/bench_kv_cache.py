@@ -1,4 +1,4 @@
-# In-context evaluation speed of ad_dt.py: KV cache vs recomputing the whole window every env step. Docs: README.md#benchmarks
+# In-context evaluation speed of ad_dt.py: KV cache vs recomputing the whole window every env step. Docs: benchmarks/README.md
 import os
 import sys
 import time

@@ -1,4 +1,4 @@
-# ad_dt.py's token layouts side by side: one token per transition vs the seed's three, in speed and in held-out return at equal wall time. Docs: README.md#ad_dtpy
+# ad_dt.py's token layouts side by side: one token per transition vs the original design's three, in speed and in held-out return at equal wall time. Docs: benchmarks/README.md
 import os
 import sys
 import time

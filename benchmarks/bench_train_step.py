@@ -1,4 +1,4 @@
-# Training speed of ad_dt.py: our default update vs the seed's configuration (SEED_SPEC.md), measured side by side. Docs: README.md#ad_dtpy
+# Training speed of ad_dt.py: our default update vs the original design's configuration, measured side by side. Docs: benchmarks/README.md
 import os
 import sys
 import time
@@ -23,15 +23,15 @@ class Args:
     num_threads: int = 2
     """CPU threads for torch"""
     histories_dir: str = "histories"
-    """directory written by `collect_histories.py` (the A2C histories, the seed's data); each configuration reads
+    """directory written by `collect_histories.py` (the A2C histories, the original design's data); each configuration reads
     it at its own pace (--history-len/--keep-every)"""
     rounds: int = 4
     """timed rounds; each runs both configurations, in alternating order, so machine load hits both alike"""
     default_updates: int = 120
-    """timed updates of the default configuration per round (~0.1 s each: about as long as one update of the seed's,
+    """timed updates of the default configuration per round (~0.1 s each: about as long as one update of the original design's,
     so that a burst of load is as likely to hit either)"""
     seed_updates: int = 1
-    """timed updates of the seed's configuration per round (~14 s each)"""
+    """timed updates of the original design's configuration per round (~14 s each)"""
     warmup_updates: int = 1
     """untimed updates of each configuration before the rounds"""
 
@@ -76,7 +76,7 @@ if __name__ == "__main__":
     torch.set_num_threads(args.num_threads)
     configs = {
         "default": ADArgs(),
-        # SEED_SPEC.md, as README.md's `ad_dt.py --layout three --seq-len 256 ...` command for the seed writes it
+        # the original design's configuration, as benchmarks/README.md's `ad_dt.py --layout three --seq-len 256 ...` command writes it
         "seed": ADArgs(
             layout="three", seq_len=256, history_len=800_000, keep_every=1,
             embedding_dim=64, num_layers=4, num_heads=4, feed_forward_dim=2048,

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 LIMIT=${1:-100000}
 SECONDS=0
-# collect every source once, before the parallel jobs (the seed's no-terminate A2C stops at 400k steps, twice what ad_dt.py keeps by default)
+# collect every source once, before the parallel jobs (the original design's no-terminate A2C stops at 400k steps, twice what ad_dt.py keeps by default)
 "$PYTHON" collect_histories.py --tasks all --histories-dir histories > /dev/null
 "$PYTHON" collect_histories.py --tasks all --histories-dir histories_a2c_fast --num-envs 1 --learning-rate 3e-3 --total-timesteps 20000 --history-len 20000 > /dev/null
 "$PYTHON" collect_histories.py --tasks all --histories-dir histories_a2c_noterm --no-terminate-on-goal --total-timesteps 400000 --history-len 400000 > /dev/null

@@ -1,4 +1,4 @@
-# Sweeps of the whole pipeline: issue 9's levers for in-context learning and issue 7's pace study. Docs: README.md#experiments
+# Sweeps of the whole pipeline: the lever sweep for in-context learning and the pace study. Docs: experiments/README.md
 # Each config = a source of histories (collected once) + ad_dt.py flags; it is trained, evaluated by eval_ad.py on
 # the held-out (and training) goals for many episodes, and tabulated. Rerunning skips configs already evaluated.
 import json
@@ -25,7 +25,7 @@ import ad_dt  # noqa: E402
 class Args:
     study: Literal["pace", "levers"] = "pace"
     """"pace": AD on A2C, fast-A2C and explorer histories at different paces (keep every k-th episode, history
-    length), plotted against how many context windows the source's learning arc spans; "levers": issue 9's levers"""
+    length), plotted against how many context windows the source's learning arc spans; "levers": the lever sweep"""
     only: Tuple[str, ...] = ()
     """run only these configs of the study (names as in the table); default all"""
     jobs: int = 1
@@ -48,8 +48,8 @@ class Args:
 
 # sources: histories directory -> collect_histories.py flags (train and held-out tasks)
 SOURCES = {
-    "histories": ["--tasks", "all"],  # the seed's A2C: 10 envs per agent, lr 1e-4, 2.5M steps (reproduce.sh's)
-    # issue 9's fast A2C: one env per agent, so one stream holds everything the agent learned from; lr 3e-3
+    "histories": ["--tasks", "all"],  # the original design's A2C: 10 envs per agent, lr 1e-4, 2.5M steps (reproduce.sh's)
+    # fast A2C: one env per agent, so one stream holds everything the agent learned from; lr 3e-3
     "histories_a2c_fast": ["--num-envs", "1", "--learning-rate", "3e-3", "--total-timesteps", "20000", "--history-len", "20000", "--tasks", "all"],
     # the AD paper's no-terminate mode: the episode goes on at the goal, and every step there is rewarded
     "histories_a2c_noterm": ["--no-terminate-on-goal", "--total-timesteps", "400000", "--history-len", "400000", "--tasks", "all"],
@@ -58,7 +58,7 @@ SOURCES = {
 
 FAST = ["--history-len", "None"]
 PACE = {
-    # the seed's A2C at 4 paces x 2 history lengths (ad_dt.py's default: keep 50, 200k)
+    # the original design's A2C at 4 paces x 2 history lengths (ad_dt.py's default: keep 50, 200k)
     **{f"a2c_k{k}_h{h // 1000}k": ("histories", ["--keep-every", str(k), "--history-len", str(h)])
        for h in (200_000, 800_000) for k in (1, 10, 50, 200)},
     **{f"a2cfast_k{k}": ("histories_a2c_fast", [*FAST, "--keep-every", str(k)]) for k in (1, 5, 20, 50)},

@@ -345,7 +345,7 @@ def test_tiny_run_trains_evaluates_checkpoints_resumes_and_reloads(collection, t
     assert [e.step for e in events.Scalars("losses/action_loss")] == list(range(1, 7))
     assert [e.value for e in events.Scalars("charts/learning_rate")][:2] == pytest.approx([5e-4, 1e-3])
     assert "eval/return_by_episode" in events.Tags()["images"]
-    # issue 9's diagnostics: exploitation, first success, training goals, teacher-forced loss on both splits
+    # the diagnostics: exploitation, first success, training goals, teacher-forced loss on both splits
     for tag in ("eval/success_after_success", "eval/first_success_episode", "eval/never_succeeded",
                 "eval_train/success_rate", "eval_train/success_after_success",
                 "diagnostics/train_action_loss", "diagnostics/heldout_action_loss"):
