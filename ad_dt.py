@@ -16,7 +16,6 @@ if __name__ == "__main__":
 import json
 import math
 import os
-import pickle
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -340,6 +339,12 @@ class GPTConfig:
     @property
     def tokens_per_transition(self):
         return 3 if self.layout == "three" else 1
+
+
+def model_config(args, env):
+    """The GPTConfig of these Args (the flags of the same names) for this env."""
+    return GPTConfig(num_states=env["size"] ** 2, max_episode_steps=env["max_episode_steps"],
+                     **{f.name: getattr(args, f.name) for f in fields(GPTConfig) if hasattr(args, f.name)})
 
 
 class KVCache(nn.Module):
@@ -699,8 +704,7 @@ if __name__ == "__main__":
     if np.diff(data["offsets"]).max() < args.seq_len:
         raise SystemExit(f"error: no stream holds --seq-len {args.seq_len} transitions after --history-len/--keep-every")
     env = tasks["env"]
-    config = GPTConfig(num_states=env["size"] ** 2, max_episode_steps=env["max_episode_steps"],
-                       **{f.name: getattr(args, f.name) for f in fields(GPTConfig) if hasattr(args, f.name)})
+    config = model_config(args, env)
     if checkpoint is not None:
         check_resume(checkpoint, args, tasks, config)
         run_name, run_dir = checkpoint["run_name"], Path(args.resume).parent

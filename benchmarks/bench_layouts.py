@@ -2,7 +2,7 @@
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional, Tuple
 
@@ -16,11 +16,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ad_dt import (  # noqa: E402
     NUM_ACTIONS,
     ADTransformer,
-    GPTConfig,
     evaluate_in_context,
     load_histories,
     lr_factor,
     make_dataset,
+    model_config,
     sample_windows,
     summarize_evaluation,
 )
@@ -64,23 +64,10 @@ class Args:
     """episodes (1-based) whose success rate is printed"""
 
 
-def make_model(layout, env, train_args, seed):
-    """ad_dt.py's model for `layout` at the hyperparameters of train_args (an ad_dt.Args), seeded."""
+def make_model(train_args, env, seed):
+    """ad_dt.py's model, optimizer and schedule at the hyperparameters of train_args (an ad_dt.Args), seeded."""
     torch.manual_seed(seed)
-    config = GPTConfig(
-        num_states=env["size"] ** 2,
-        max_episode_steps=env["max_episode_steps"],
-        seq_len=train_args.seq_len,
-        layout=layout,
-        embedding_dim=train_args.embedding_dim,
-        num_layers=train_args.num_layers,
-        num_heads=train_args.num_heads,
-        feed_forward_dim=train_args.feed_forward_dim,
-        attention_dropout=train_args.attention_dropout,
-        residual_dropout=train_args.residual_dropout,
-        embedding_dropout=train_args.embedding_dropout,
-    )
-    model = ADTransformer(config).train()
+    model = ADTransformer(model_config(train_args, env)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=train_args.learning_rate, betas=train_args.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args=train_args))
     return model, optimizer, scheduler
@@ -118,7 +105,7 @@ if __name__ == "__main__":
     # (a) speed: the same seconds of updates of each layout in turn, several rounds
     tokens_per_update, runs = {}, {}
     for layout in layouts:
-        model, optimizer, scheduler = make_model(layout, env, defaults, args.seed)
+        model, optimizer, scheduler = make_model(replace(defaults, layout=layout), env, args.seed)
         runs[layout] = (model, optimizer, scheduler, np.random.default_rng(args.seed))
         tokens_per_update[layout] = defaults.batch_size * defaults.seq_len * model.config.tokens_per_transition
         for _ in range(args.warmup_updates):
@@ -155,7 +142,7 @@ if __name__ == "__main__":
     for layout in layouts:
         num_updates = max(1, round(args.budget_s / s_per_update[layout]))
         train_args = ADArgs(num_updates=num_updates)  # ad_dt.py's warmup + cosine schedule, over these updates
-        model, optimizer, scheduler = make_model(layout, env, train_args, args.seed)
+        model, optimizer, scheduler = make_model(replace(train_args, layout=layout), env, args.seed)
         rng = np.random.default_rng(args.seed)
         start = time.perf_counter()
         losses = [train_step(model, optimizer, scheduler, data, train_args, rng) for _ in range(num_updates)]

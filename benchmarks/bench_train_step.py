@@ -3,17 +3,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ad_dt import NUM_ACTIONS, ADTransformer, GPTConfig, load_histories, lr_factor, make_dataset, sample_windows  # noqa: E402
 from ad_dt import Args as ADArgs  # noqa: E402
+from ad_dt import load_histories, make_dataset  # noqa: E402
+from bench_layouts import make_model, train_step  # noqa: E402  (the same model and update as the layout benchmark)
 
 
 @dataclass
@@ -30,45 +28,10 @@ class Args:
     default_updates: int = 120
     """timed updates of the default configuration per round (~0.1 s each: about as long as one update of the original design's,
     so that a burst of load is as likely to hit either)"""
-    seed_updates: int = 1
+    original_updates: int = 1
     """timed updates of the original design's configuration per round (~14 s each)"""
     warmup_updates: int = 1
     """untimed updates of each configuration before the rounds"""
-
-
-def make_model(train_args, env, seed):
-    """ad_dt.py's model, optimizer and schedule at the hyperparameters of train_args (an ad_dt.Args), seeded."""
-    torch.manual_seed(seed)
-    config = GPTConfig(
-        num_states=env["size"] ** 2,
-        max_episode_steps=env["max_episode_steps"],
-        seq_len=train_args.seq_len,
-        layout=train_args.layout,
-        embedding_dim=train_args.embedding_dim,
-        num_layers=train_args.num_layers,
-        num_heads=train_args.num_heads,
-        feed_forward_dim=train_args.feed_forward_dim,
-        attention_dropout=train_args.attention_dropout,
-        residual_dropout=train_args.residual_dropout,
-        embedding_dropout=train_args.embedding_dropout,
-    )
-    model = ADTransformer(config).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=train_args.learning_rate, betas=train_args.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, args=train_args))
-    return model, optimizer, scheduler
-
-
-def train_step(model, optimizer, scheduler, data, train_args, rng):
-    """One update of ad_dt.py's training loop (without its TensorBoard writes); returns the loss."""
-    batch, _ = sample_windows(data, train_args.batch_size, train_args.seq_len, rng)
-    logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
-    loss = F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1))  # every action of the window
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), train_args.clip_grad)
-    optimizer.step()
-    scheduler.step()
-    return loss.item()
 
 
 if __name__ == "__main__":
@@ -77,14 +40,14 @@ if __name__ == "__main__":
     configs = {
         "default": ADArgs(),
         # the original design's configuration, as benchmarks/README.md's `ad_dt.py --layout three --seq-len 256 ...` command writes it
-        "seed": ADArgs(
+        "original": ADArgs(
             layout="three", seq_len=256, history_len=800_000, keep_every=1,
             embedding_dim=64, num_layers=4, num_heads=4, feed_forward_dim=2048,
             attention_dropout=0.5, residual_dropout=0.1, embedding_dropout=0.0,
             batch_size=32, learning_rate=3e-4, min_lr=2e-6, betas=(0.9, 0.99), clip_grad=1.0, num_updates=22_000,
         ),
     }
-    updates_per_round = {"default": args.default_updates, "seed": args.seed_updates}
+    updates_per_round = {"default": args.default_updates, "original": args.original_updates}
     tasks, histories = load_histories(args.histories_dir)
     env = tasks["env"]
     runs, tokens_per_update = {}, {}
@@ -126,10 +89,10 @@ if __name__ == "__main__":
         )
     # the fastest round of each is the one least slowed by other jobs: small updates suffer more from shared cores
     best = {name: min(times) for name, times in round_times.items()}
-    per_token = tokens_per_update["seed"] / tokens_per_update["default"]
+    per_token = tokens_per_update['original'] / tokens_per_update["default"]
     print(
-        f"speedup: {s_per_update['seed'] / s_per_update['default']:.1f}x per update, "
-        f"{s_per_update['seed'] / s_per_update['default'] / per_token:.1f}x per token "
-        f"(fastest rounds: {best['seed'] / best['default']:.1f}x, {best['seed'] / best['default'] / per_token:.1f}x)",
+        f"speedup: {s_per_update['original'] / s_per_update['default']:.1f}x per update, "
+        f"{s_per_update['original'] / s_per_update['default'] / per_token:.1f}x per token "
+        f"(fastest rounds: {best['original'] / best['default']:.1f}x, {best['original'] / best['default'] / per_token:.1f}x)",
         flush=True,
     )
