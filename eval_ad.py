@@ -464,6 +464,7 @@ if __name__ == "__main__":
         (out_dir / ".writable").unlink()
     except OSError as e:
         raise SystemExit(f"error: cannot write --out-dir {out_dir} ({e.strerror}): give a writable directory")
+    KEPT = f"nothing: {out_dir}/ gets its files only once the evaluation is done"
     notes = []
     if not test_histories:
         notes.append(f"no held-out histories in {histories_dir}/test: the source-from-scratch baseline is left out; run `python collect_histories.py --tasks test`")
