@@ -1,5 +1,21 @@
 # A2C on one DarkRoom task: the source algorithm whose learning histories Algorithm Distillation imitates.
 # Docs: README.md#a2c_darkroompy
+import signal
+import sys
+
+
+def on_interrupt(signum, frame):
+    """Ctrl-C anywhere, the imports below included: one line saying what was kept, exit 130, no traceback."""
+    print(f"\ninterrupted: {KEPT}", file=sys.stderr, flush=True)  # on a line of its own, below any progress bar
+    sys.exit(130)
+
+
+KEPT = "nothing was written"  # what on_interrupt reports; main updates it as outputs appear
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_interrupt)
+
+import contextlib
+import math
 import os
 import random
 import time
@@ -73,10 +89,22 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Reject bad input with a one-line message before anything is written."""
-    for name in ["size", "max_episode_steps", "num_envs", "num_steps", "total_timesteps", "hidden_size"]:
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    """Reject every bad flag with a one-line message naming it, before anything is written."""
+    def need(ok, flag, rule):
+        if not ok:
+            raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+
+    for name in ["size", "max_episode_steps", "num_envs", "num_steps", "total_timesteps", "hidden_size", "log_every"]:
+        need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")
+    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
+    need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
+    need(math.isfinite(args.learning_rate) and args.learning_rate > 0, "learning-rate", "positive")
+    need(math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
+    need(0 <= args.gamma <= 1, "gamma", "in [0, 1]")
+    for name in ["ent_coef", "vf_coef"]:
+        need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name.replace("_", "-"), "at least 0")
+    need(args.max_grad_norm > 0, "max-grad-norm", "positive (inf: no clipping)")
+    need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
     if args.total_timesteps < args.num_envs * args.num_steps:
         raise SystemExit("error: --total-timesteps must be at least --num-envs * --num-steps (one update)")
     row, col = args.goal
@@ -84,8 +112,49 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --goal {row} {col} is outside the {args.size}x{args.size} grid; use 0..{args.size - 1}")
     if (row, col) == (args.size // 2, args.size // 2):
         raise SystemExit(f"error: --goal {row} {col} is the start cell; choose any other cell")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise SystemExit(f"error: --gamma must be in [0, 1], got {args.gamma}")
+    # about the peak: the interpreter and libraries, one env object (~4 KB measured) per env, the rollout (6 tensors of
+    # 8 bytes a value), the agent (parameters, gradients, two Adam moments in float32), the video's RGB frames
+    frames = 3 * (args.max_episode_steps + 3) if args.capture_video else 0
+    needed = (300 * 2**20 + 8192 * args.num_envs + 48 * args.num_steps * args.num_envs
+              + 16 * (args.hidden_size * (args.size**2 + 6) + 6) + frames * 3 * (32 * args.size) ** 2)
+    available = available_memory()
+    if needed > available:
+        raise SystemExit(f"error: --num-envs {args.num_envs}, --num-steps {args.num_steps}, --hidden-size {args.hidden_size} "
+                         f"and --size {args.size} need about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB "
+                         f"more than the {available / 2**30:.1f} GiB available: make them smaller")
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_writable(directory: str, fix: str) -> None:
+    """Make `directory` and write a probe file in it: a one-line error now rather than a traceback after the work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".writable")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
+
+
+def write_atomic(path: str, write) -> None:
+    """Write via `write(file)` to a temp name, then rename: an interrupted write leaves no partial file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class EpisodeTimestep(gym.Wrapper):
@@ -203,7 +272,12 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
+    # the outputs' directories are writable before any work is done for them
+    check_writable(f"runs/{run_name}", "make runs/ writable, or run from another directory")
+    if args.capture_video:
+        check_writable(f"videos/{run_name}", "make videos/ writable, or run without --capture-video")
     writer = SummaryWriter(f"runs/{run_name}")
+    KEPT = f"the TensorBoard logs in runs/{run_name}/ (no model: it is saved after training)"
     writer.add_text(
         "hyperparameters",
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
@@ -234,61 +308,62 @@ if __name__ == "__main__":
     next_obs, _ = envs.reset(seed=args.seed)
     next_obs = torch.tensor(next_obs, device=device)
 
-    progress = trange(1, args.num_updates + 1, desc="a2c", unit="update", mininterval=1.0)
-    for update in progress:
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            obs[step] = next_obs
+    with contextlib.closing(writer):  # closed on Ctrl-C too: the logs so far are kept
+        progress = trange(1, args.num_updates + 1, desc="a2c", unit="update", mininterval=1.0)
+        for update in progress:
+            for step in range(args.num_steps):
+                global_step += args.num_envs
+                obs[step] = next_obs
+                with torch.no_grad():
+                    action, _, _, _ = agent.get_action_and_value(next_obs)
+                actions[step] = action
+                next_obs_np, reward, terminated, truncated, infos = envs.step(action.cpu().numpy())
+                rewards[step] = torch.tensor(reward, device=device)
+                terminateds[step] = torch.tensor(terminated, device=device)
+                truncateds[step] = torch.tensor(truncated & ~terminated, device=device)
+                # the true next state: the final observation where the episode ended, else the new observation
+                true_next = next_obs_np.copy()
+                if "final_obs" in infos:
+                    ended = infos["_final_obs"]
+                    true_next[ended] = infos["final_obs"][ended].astype(np.int64)
+                next_obs_true[step] = torch.tensor(true_next, device=device)
+                next_obs = torch.tensor(next_obs_np, device=device)
+
+                if "episode" in infos:
+                    for i in np.flatnonzero(infos["_episode"]):
+                        episodic_return, episodic_length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                        recent_success.append(float(episodic_return > 0))
+                        writer.add_scalar("charts/episodic_return", episodic_return, global_step)
+                        writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+
+            # ALGO LOGIC: n-step returns, bootstrapped from the critic
             with torch.no_grad():
-                action, _, _, _ = agent.get_action_and_value(next_obs)
-            actions[step] = action
-            next_obs_np, reward, terminated, truncated, infos = envs.step(action.cpu().numpy())
-            rewards[step] = torch.tensor(reward, device=device)
-            terminateds[step] = torch.tensor(terminated, device=device)
-            truncateds[step] = torch.tensor(truncated & ~terminated, device=device)
-            # the true next state: the final observation where the episode ended, else the new observation
-            true_next = next_obs_np.copy()
-            if "final_obs" in infos:
-                ended = infos["_final_obs"]
-                true_next[ended] = infos["final_obs"][ended].astype(np.int64)
-            next_obs_true[step] = torch.tensor(true_next, device=device)
-            next_obs = torch.tensor(next_obs_np, device=device)
+                next_values = agent.get_value(next_obs_true)
+                returns = nstep_returns(rewards, terminateds, truncateds, next_values, args.gamma)
 
-            if "episode" in infos:
-                for i in np.flatnonzero(infos["_episode"]):
-                    episodic_return, episodic_length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
-                    recent_success.append(float(episodic_return > 0))
-                    writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                    writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+            loss, pg_loss, v_loss, entropy_loss = a2c_loss(
+                agent, obs.reshape(-1), actions.reshape(-1), returns.reshape(-1), args.ent_coef, args.vf_coef
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
 
-        # ALGO LOGIC: n-step returns, bootstrapped from the critic
-        with torch.no_grad():
-            next_values = agent.get_value(next_obs_true)
-            returns = nstep_returns(rewards, terminateds, truncateds, next_values, args.gamma)
-
-        loss, pg_loss, v_loss, entropy_loss = a2c_loss(
-            agent, obs.reshape(-1), actions.reshape(-1), returns.reshape(-1), args.ent_coef, args.vf_coef
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-        optimizer.step()
-
-        if update % args.log_every == 0 or update == args.num_updates:
-            success_rate = float(np.mean(recent_success)) if recent_success else 0.0
-            sps = int(global_step / (time.time() - start_time))
-            writer.add_scalar("charts/success_rate", success_rate, global_step)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            progress.set_postfix(step=global_step, success=f"{success_rate:.2f}", sps=sps)
+            if update % args.log_every == 0 or update == args.num_updates:
+                success_rate = float(np.mean(recent_success)) if recent_success else 0.0
+                sps = int(global_step / (time.time() - start_time))
+                writer.add_scalar("charts/success_rate", success_rate, global_step)
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+                writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                progress.set_postfix(step=global_step, success=f"{success_rate:.2f}", sps=sps)
 
     envs.close()
     model_path = f"runs/{run_name}/{args.exp_name}.pt"
-    torch.save({"model": agent.state_dict(), "args": vars(args), "num_states": num_states}, model_path + ".tmp")
-    os.replace(model_path + ".tmp", model_path)
+    write_atomic(model_path, lambda f: torch.save({"model": agent.state_dict(), "args": vars(args), "num_states": num_states}, f))
+    KEPT = f"the model {model_path} and the TensorBoard logs" + (" (no video)" if args.capture_video else "")
     print(f"model saved to {model_path}")
 
     if args.capture_video:
@@ -298,9 +373,12 @@ if __name__ == "__main__":
             states, _ = greedy_rollout(agent, env, device, seed=args.seed + episode)
             frames += [render_frame(args.size, args.goal, s) for s in states]
             frames += [frames[-1]] * 2  # a short pause between episodes
-        os.makedirs(f"videos/{run_name}", exist_ok=True)
         video_path = f"videos/{run_name}/greedy.mp4"
-        imageio.mimwrite(video_path + ".tmp.mp4", frames, fps=4, macro_block_size=1)
-        os.replace(video_path + ".tmp.mp4", video_path)
+        tmp = video_path + ".tmp.mp4"  # ffmpeg takes the format from the name; a path, not a file object
+        try:
+            imageio.mimwrite(tmp, frames, fps=4, macro_block_size=1)
+            os.replace(tmp, video_path)
+        finally:
+            if os.path.exists(tmp):  # interrupted: no partial video left
+                os.remove(tmp)
         print(f"video saved to {video_path}")
-    writer.close()

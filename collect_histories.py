@@ -1,12 +1,28 @@
 # Train one A2C agent per DarkRoom task, all agents at once, and write their learning histories for AD.
 # Docs: README.md#collect_historiespy
+import signal
+import sys
+
+
+def on_interrupt(signum, frame):
+    """Ctrl-C anywhere, the imports below included: one line saying what was kept, exit 130, no traceback."""
+    print(f"\ninterrupted: {KEPT}", file=sys.stderr, flush=True)  # on a line of its own, below any progress bar
+    sys.exit(130)
+
+
+KEPT = "nothing was written"  # what on_interrupt reports; main updates it as outputs appear
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, on_interrupt)
+
 import contextlib
+import glob
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import random
-import sys
+import re
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Tuple
@@ -113,13 +129,34 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    """Reject bad input with a one-line message before anything is written."""
+    """Reject every bad flag with a one-line message naming it, before anything is read or written.
+
+    (What depends on the histories already there is checked once they are read: the directory's config in
+    `check_directory`, the memory for the histories still missing in `check_memory`.)
+    """
+    def need(ok, flag, rule):
+        if not ok:
+            raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+
     for name in ["size", "max_episode_steps", "num_envs", "num_steps", "total_timesteps", "hidden_size",
-                 "history_len", "log_every", "num_threads"]:
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+                 "history_len", "log_every", "num_threads", "noise_episodes"]:
+        need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")
+    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
+    need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
+    need(args.split_seed >= 0, "split-seed", "at least 0")
+    need(math.isfinite(args.learning_rate) and args.learning_rate > 0, "learning-rate", "positive")
+    need(math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
+    need(0 <= args.gamma <= 1, "gamma", "in [0, 1]")
+    for name in ["ent_coef", "vf_coef"]:
+        need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name.replace("_", "-"), "at least 0")
+    need(args.max_grad_norm > 0, "max-grad-norm", "positive (inf: no clipping)")
+    for name in ["noise_floor", "explorer_eps"]:
+        need(0 <= getattr(args, name) <= 1, name.replace("_", "-"), "in [0, 1]")
+    need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
+    need(args.histories_dir != "" and not os.path.isfile(args.histories_dir), "histories-dir", "a directory, not a file")
     if args.size * args.size > 256 or args.max_episode_steps > 256:
         raise SystemExit("error: histories store states and timesteps as uint8: need --size <= 16 and --max-episode-steps <= 256")
+    need(args.size >= 2, "size", "at least 2 (a goal besides the start cell)")
     if args.total_timesteps < args.num_envs * args.num_steps:
         raise SystemExit("error: --total-timesteps must be at least --num-envs * --num-steps (one update)")
     if args.history_len < args.num_envs:
@@ -132,13 +169,6 @@ def check_args(args: Args) -> None:
     num_goals = args.size * args.size - 1
     if not 1 <= args.num_train_tasks <= num_goals - 1:
         raise SystemExit(f"error: --num-train-tasks must be in 1..{num_goals - 1} (there are {num_goals} goals), got {args.num_train_tasks}")
-    if not 0.0 <= args.gamma <= 1.0:
-        raise SystemExit(f"error: --gamma must be in [0, 1], got {args.gamma}")
-    if args.noise_episodes <= 0:
-        raise SystemExit(f"error: --noise-episodes must be positive, got {args.noise_episodes}")
-    for name in ["noise_floor", "explorer_eps"]:
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     for name in args.tasks:
         if name not in ("train", "test", "all") and parse_goal(name, args.size) is None:
             raise SystemExit(
@@ -147,6 +177,48 @@ def check_args(args: Args) -> None:
             )
     if not args.tasks:
         raise SystemExit("error: --tasks names no task")
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(args: Args, num_agents: int) -> None:
+    """Refuse, in one line, a collection whose arrays would not fit in the memory available now.
+
+    About the peak (measured within 15% on 80 agents): the interpreter and libraries, the histories (one byte a value),
+    the rollout with the per-step temporaries, and the learners (A2C: parameters, gradients, two Adam moments in
+    float32; scripted: visited cells and three float64 arrays of (env, state) per step).
+    """
+    N, S = num_agents * args.num_envs, args.size * args.size
+    histories = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N
+    rollout = args.num_steps * N * 128
+    if args.source == "a2c":
+        learners = num_agents * (args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1) * 4 * 4
+    else:
+        learners = N * S * 25 + S * S * 8
+    needed, available = 300 * 2**20 + histories + rollout + learners, available_memory()
+    if needed > available:
+        raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_agents} task(s) "
+                         f"to collect needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB more "
+                         f"than the {available / 2**30:.1f} GiB available: lower --history-len or --num-envs, or collect "
+                         f"fewer --tasks at once")
+
+
+def check_writable(directory: str, fix: str) -> None:
+    """Make `directory` and write a probe file in it: a one-line error now rather than a traceback after the work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".writable")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
 
 
 def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, List[Tuple[int, int]]]:
@@ -406,15 +478,16 @@ def history_path(histories_dir: str, goal: Tuple[int, int], split: str) -> str:
     return os.path.join(histories_dir, split, f"goal_{goal[0]}_{goal[1]}.npz")
 
 
-def check_history(path: str, expected_meta: dict) -> None:
-    """Raise a one-line SystemExit unless `path` is a complete history made with this config."""
-    fix = "delete it or rerun with --overwrite"
+def check_history(path: str, expected_meta: dict, fix: str = "delete it or rerun with --overwrite") -> None:
+    """Raise a one-line SystemExit unless `path` is a complete history made with this config; `fix` says what to do."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["metadata"].item())
             arrays = {key: data[key] for key in HISTORY_KEYS}  # reads (and CRC-checks) everything
-    except Exception as e:
-        raise SystemExit(f"error: {path} is corrupt or incomplete ({type(e).__name__}: {e}); {fix}")
+    except Exception as e:  # not a zip, a missing array, a corrupt stream (zlib.error, bad CRC), bad JSON ...
+        raise SystemExit(f"error: {path} is corrupt or incomplete ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
+    if not isinstance(meta, dict):
+        raise SystemExit(f"error: {path} is corrupt: its metadata is not a JSON object; {fix}")
     shape = (expected_meta["num_streams"], expected_meta["steps_per_stream"])
     for key, dtype in HISTORY_KEYS.items():
         if arrays[key].dtype != dtype or arrays[key].shape != shape:
@@ -504,21 +577,49 @@ def history_metadata(args: Args, config: dict, goal: Tuple[int, int], part: str)
     }
 
 
-def check_tasks_json(histories_dir: str, config: dict) -> None:
-    """Raise a one-line SystemExit unless the directory has no `tasks.json` yet or one written with `config`."""
-    path = os.path.join(histories_dir, "tasks.json")
-    if not os.path.exists(path):
+def check_directory(args: Args, config: dict) -> None:
+    """Raise a one-line SystemExit unless `--histories-dir` may take histories made with `config`.
+
+    Its `tasks.json` must have been written with `config`, unless the directory holds no history (then nothing
+    would be mixed: a run that failed before its first history leaves nothing that blocks another config). Without
+    a `tasks.json`, every history there is checked against `config` (`check_history`), so that the one written
+    with the next history (or now, if none is missing) is true to them.
+    """
+    path = os.path.join(args.histories_dir, "tasks.json")
+    histories = sorted(history for part in ("train", "test")
+                       for history in glob.glob(os.path.join(glob.escape(args.histories_dir), part, "goal_*.npz")))
+    fix = "delete it and rerun the same command (it is rebuilt from the histories), or use another --histories-dir"
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                existing = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {path} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
+        if not isinstance(existing, dict) or not set(config) <= set(existing):
+            raise SystemExit(f"error: {path} is not a tasks.json of this script (a JSON object with the keys "
+                             f"{', '.join(config)}); {fix}")
+        for key, value in config.items():
+            if existing[key] != value and histories:
+                there, now = ("another split", "this one") if key in ("train", "test") else (existing[key], value)
+                raise SystemExit(f"error: {args.histories_dir}/ was made with another config ({key}: {there} there, "
+                                 f"{now} now); use the same flags as before or another --histories-dir")
         return
-    try:
-        with open(path) as f:
-            existing = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path} is unreadable ({e}); delete it or use another --histories-dir")
-    for key, value in config.items():
-        if existing.get(key) != value:
-            there, now = ("another split", "this one") if key in ("train", "test") else (existing.get(key), value)
-            raise SystemExit(f"error: {histories_dir}/ was made with another config ({key}: {there} there, "
-                             f"{now} now); use the same flags as before or another --histories-dir")
+    split = {part: {tuple(goal) for goal in config[part]} for part in ("train", "test")}
+    fix = f"use the flags it was collected with (they were in the lost {path}), or delete it"
+    for history in histories:
+        part, name = os.path.basename(os.path.dirname(history)), os.path.basename(history)
+        match = re.fullmatch(r"goal_(\d+)_(\d+)\.npz", name)
+        goal = (int(match[1]), int(match[2])) if match else None
+        if goal not in split[part]:
+            raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another "
+                             f"--histories-dir")
+        check_history(history, history_metadata(args, config, goal, part), fix)
+
+
+def write_tasks_json(histories_dir: str, config: dict) -> None:
+    """`tasks.json`: the directory's config, one key a line."""
+    text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in config.items()) + "\n}\n"
+    write_atomic(os.path.join(histories_dir, "tasks.json"), lambda f: f.write(text.encode()))
 
 
 def tasks_to_collect(args: Args, config: dict, tasks: List[Tuple[Tuple[int, int], str]]) -> List[Tuple[Tuple[int, int], str]]:
@@ -563,6 +664,12 @@ class HistoryRecorder:
         self.global_step = 0  # env steps per agent
         self.start_time = time.time()
 
+    def kept(self, log_dir: str) -> str:
+        """What an interrupted run keeps: the histories written (each one complete) and the TensorBoard logs."""
+        rest = " (rerun the same command to collect the rest)" if self.written < len(self.todo) else ""
+        return (f"{self.written} of {len(self.todo)} histories written to {self.args.histories_dir}/{rest}; "
+                f"TensorBoard logs in {log_dir}/")
+
     def step(self, t: int, action: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Step every env and store the transition at step `t` of the rollout.
 
@@ -587,6 +694,7 @@ class HistoryRecorder:
     def end_rollout(self, update: int, writer: SummaryWriter, progress) -> bool:
         """Keep the rollout's part of the histories and write them once complete; log the charts every --log-every
         updates and after the last one. Returns whether the charts were logged (so the caller can add its own)."""
+        global KEPT  # what on_interrupt reports: it changes with every history written
         args, E = self.args, self.args.num_envs
         if self.global_step // E < args.steps_per_stream:
             t0 = self.global_step // E
@@ -596,11 +704,13 @@ class HistoryRecorder:
         self.global_step += E * args.num_steps
 
         if self.global_step // E >= args.steps_per_stream and self.written == 0:
+            write_tasks_json(args.histories_dir, self.config)  # with the first history, so a failed run leaves none
             for i, (goal, part) in enumerate(self.todo):
                 arrays = {key: np.ascontiguousarray(array[:, i * E:(i + 1) * E].T) for key, array in self.history.items()}
                 arrays["metadata"] = np.array(json.dumps(history_metadata(args, self.config, goal, part)))
                 write_atomic(history_path(args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
                 self.written += 1
+                KEPT = self.kept(writer.log_dir)
             self.history = None
             progress.write(f"{self.written} histories written to {args.histories_dir}/ at {self.global_step} env steps per agent")
 
@@ -622,37 +732,21 @@ class HistoryRecorder:
         return True
 
 
-@contextlib.contextmanager
-def exit_on_interrupt(recorder: HistoryRecorder, writer: SummaryWriter):
-    """On Ctrl-C: close the writer, say how many histories are written (each one complete), exit with 130."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        writer.close()
-        print(f"\ninterrupted: {recorder.written} of {len(recorder.todo)} histories written; rerun the same command "
-              f"to collect the rest", file=sys.stderr)
-        sys.exit(130)
-
-
-def collect_scripted(args: Args, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv, rngs,
-                     writer: SummaryWriter) -> HistoryRecorder:
+def collect_scripted(args: Args, recorder: HistoryRecorder, envs: DarkRoomVectorEnv, rngs, writer: SummaryWriter) -> None:
     """The `noise` and `explorer` sources: nothing to train, each env stream is one `ScriptedLearner` from scratch.
 
-    The same rollouts, histories and charts as the A2C loop in main, with the learner's actions; returns the records.
+    The same rollouts, histories and charts as the A2C loop in main, with the learner's actions, kept in `recorder`.
     """
     learner = ScriptedLearner(args.source, envs.goal_states, rngs, args.size, args.noise_episodes, args.noise_floor,
                               args.explorer_eps)
-    recorder = HistoryRecorder(args, config, todo, envs)
     envs.reset(seed=args.seed)
-    with exit_on_interrupt(recorder, writer):
-        progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{len(rngs)}", unit="update", mininterval=1.0)
-        for update in progress:
-            for step in range(args.num_steps):
-                action = learner.act(envs.state)
-                next_state, reward, ended = recorder.step(step, action)
-                learner.observe(next_state, reward, ended)
-            recorder.end_rollout(update, writer, progress)
-    return recorder
+    progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{len(rngs)}", unit="update", mininterval=1.0)
+    for update in progress:
+        for step in range(args.num_steps):
+            action = learner.act(envs.state)
+            next_state, reward, ended = recorder.step(step, action)
+            learner.observe(next_state, reward, ended)
+        recorder.end_rollout(update, writer, progress)
 
 
 def report(args: Args, recorder: HistoryRecorder, run_name: str) -> None:
@@ -697,16 +791,23 @@ if __name__ == "__main__":
     split = make_split(args.size, args.num_train_tasks, args.split_seed)
     tasks = select_tasks(args.tasks, split, args.size)
     config = directory_config(args, split)
-    check_tasks_json(args.histories_dir, config)
+    check_directory(args, config)
     todo = tasks_to_collect(args, config, tasks)
     if not todo:
-        print(f"all {len(tasks)} histories are already in {args.histories_dir}/; nothing to do (--overwrite redoes them)")
+        tasks_json = os.path.join(args.histories_dir, "tasks.json")
+        lost = not os.path.exists(tasks_json)
+        if lost:  # check_directory found every history there true to this config
+            check_writable(args.histories_dir, "give a writable --histories-dir")
+            write_tasks_json(args.histories_dir, config)
+        print(f"all {len(tasks)} histories are already in {args.histories_dir}/; nothing to do"
+              f"{f' but rebuild the lost {tasks_json}' if lost else ''} (--overwrite redoes them)")
         sys.exit(0)
-    print(f"collecting {len(todo)} of {len(tasks)} histories ({len(tasks) - len(todo)} already done) into {args.histories_dir}/")
+    check_memory(args, len(todo))
+    # the outputs' directories are writable before any work is done for them
     for part in ("train", "test"):
-        os.makedirs(os.path.join(args.histories_dir, part), exist_ok=True)
-    text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in config.items()) + "\n}\n"
-    write_atomic(os.path.join(args.histories_dir, "tasks.json"), lambda f: f.write(text.encode()))
+        check_writable(os.path.join(args.histories_dir, part), "give a writable --histories-dir")
+    check_writable(f"runs/{run_name}", "make runs/ writable, or run from another directory")
+    print(f"collecting {len(todo)} of {len(tasks)} histories ({len(tasks) - len(todo)} already done) into {args.histories_dir}/")
 
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(
@@ -720,9 +821,12 @@ if __name__ == "__main__":
     envs = DarkRoomVectorEnv(np.repeat(np.array(goals), E, axis=0), args.size, args.terminate_on_goal, args.max_episode_steps)
     num_states = envs.single_observation_space.n
     seeds, rngs = zip(*[agent_seeds(args.seed, goal, args.size) for goal in goals])
+    # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
+    recorder = HistoryRecorder(args, config, todo, envs)
+    KEPT = recorder.kept(writer.log_dir)
     if args.source != "a2c":  # the scripted sources have a loop of their own
-        recorder = collect_scripted(args, config, todo, envs, rngs, writer)
-        writer.close()
+        with contextlib.closing(writer):  # closed on Ctrl-C too: the logs so far are kept
+            collect_scripted(args, recorder, envs, rngs, writer)
         report(args, recorder, run_name)
         sys.exit(0)
 
@@ -730,8 +834,6 @@ if __name__ == "__main__":
     # the fused kernel does the same elementwise Adam step in one pass (7x faster than the default on CPU)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
 
-    # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
-    recorder = HistoryRecorder(args, config, todo, envs)
     rollout = recorder.rollout
     table_row = np.repeat(np.arange(A) * num_states, E)  # row of each env's agent's state 0 in a flattened (A * S) table
 
@@ -740,7 +842,7 @@ if __name__ == "__main__":
         return x.reshape(T, A, E).transpose(0, 1).reshape(A, T * E).to(device)
 
     envs.reset(seed=args.seed)
-    with exit_on_interrupt(recorder, writer):
+    with contextlib.closing(writer):  # closed on Ctrl-C too: the logs so far are kept
         progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{A}", unit="update", mininterval=1.0)
         for update in progress:
             # the whole policy and value tables, once per rollout: parameters do not change during a rollout,
@@ -774,7 +876,7 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/entropy", entropy_loss.mean().item(), recorder.global_step)
                 writer.add_scalar("losses/grad_norm", grad_norm.mean().item(), recorder.global_step)
 
-    writer.close()
     agents_path = f"runs/{run_name}/agents.pt"
     write_atomic(agents_path, lambda f: torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f))
+    KEPT = f"{recorder.kept(writer.log_dir)}, the trained agents in {agents_path} (no learning curves)"
     report(args, recorder, run_name)

@@ -1,19 +1,21 @@
 """Tests of a2c_darkroom.py: n-step returns, learning, outputs and bad input."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
 import imageio
-import numpy as np
 import pytest
 import torch
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from toymeta.dark_room import DarkRoom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import a2c_darkroom  # noqa: E402
+from test_collect_histories import A2C_BAD_INPUT, interrupt, run_in_process  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "a2c_darkroom.py")
 
@@ -115,3 +117,44 @@ def test_bad_input_fails_cleanly(tmp_path, bad_args, message):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error:") and message in last_line
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "videos")
+
+
+@pytest.mark.parametrize(
+    "bad_args, message",
+    [
+        *A2C_BAD_INPUT,
+        (["--size", "1", "--goal", "0", "0"], "is the start cell"),
+        (["--hidden-size", str(10**9)], "--hidden-size 1000000000 and --size 9 need about"),
+        (["--num-envs", str(10**9), "--total-timesteps", str(10**11)], "GiB more than the"),
+    ],
+)
+def test_check_args_is_the_one_gate(bad_args, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        a2c_darkroom.check_args(tyro.cli(a2c_darkroom.Args, args=bad_args))
+    a2c_darkroom.check_args(tyro.cli(a2c_darkroom.Args, args=["--capture-video"]))  # and good flags pass
+
+
+@pytest.mark.parametrize("blocked, flags", [("runs", []), ("videos", ["--capture-video"])])
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, blocked, flags):
+    (tmp_path / blocked).write_text("in the way")  # as root, a read-only directory would not stop the writes
+    assert run_in_process(tmp_path, "--total-timesteps", "100", *flags, script=SCRIPT) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {blocked}/"), err
+    assert not glob.glob(str(tmp_path / "**" / "*.*"), recursive=True)  # no log, model or video
+
+
+def test_ctrl_c_exits_130_with_one_line_saying_what_was_kept(tmp_path):
+    # during the imports (they take seconds): nothing was written
+    code, lines = interrupt([SCRIPT], tmp_path, after=0.5)
+    assert (code, lines) == (130, ["interrupted: nothing was written"])
+    assert os.listdir(tmp_path) == []
+    # during training: the logs are kept (the writer is closed on the way out), no model, no temp file
+    code, lines = interrupt([SCRIPT, "--log-every", "1"], tmp_path, wait_for="a2c", after=0.5)
+    assert code == 130 and len(lines) == 1 and re.fullmatch(r"interrupted: the TensorBoard logs in runs/DarkRoom-9x9__"
+                                                             r"a2c_darkroom__1__\d+/ \(no model: it is saved after training\)",
+                                                             lines[0]), lines
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert [os.path.basename(p)[:19] for p in glob.glob(os.path.join(run_dir, "*"))] == ["events.out.tfevents"]
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    assert len(events.Scalars("charts/success_rate")) >= 1

@@ -27,13 +27,13 @@ TINY = ["--num-envs", "2", "--num-steps", "5", "--total-timesteps", "400", "--hi
 ALL_GOALS = [(r, c) for r in range(9) for c in range(9) if (r, c) != (4, 4)]
 
 
-def run_in_process(cwd, *args):
+def run_in_process(cwd, *args, script=SCRIPT):
     """Run the script as __main__ in this process (fast: no imports); returns the exit code (0 if none)."""
     old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = [SCRIPT, *args]
+    sys.argv = [script, *args]
     os.chdir(cwd)
     try:
-        runpy.run_path(SCRIPT, run_name="__main__")
+        runpy.run_path(script, run_name="__main__")
         return 0
     except SystemExit as e:
         if isinstance(e.code, str):
@@ -44,6 +44,34 @@ def run_in_process(cwd, *args):
         sys.argv = old_argv
         os.chdir(old_cwd)
         torch.set_num_threads(1)
+
+
+def interrupt(args, cwd, wait_for=None, after=0.0):
+    """Run a script and send it Ctrl-C `after` seconds after `wait_for` appears on its stderr (or after its start).
+
+    Returns the exit code and the lines of stderr without the progress bars (the line on_interrupt prints follows
+    the bar it interrupts).
+    """
+    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 60
+        while wait_for and wait_for not in "".join(stderr) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:  # a test that failed above leaves no script running
+            proc.kill()
+            proc.wait()
+    lines = "".join(stderr).replace("\r", "\n").split("\n")  # progress bars redraw with \r
+    lines = [line[line.index("interrupted: "):] if "interrupted: " in line else line.strip() for line in lines]
+    return proc.returncode, [line for line in lines if line and "%|" not in line]
 
 
 def files_under(path):
@@ -105,8 +133,17 @@ def test_vector_env_matches_toymeta_with_time_limit(terminate_on_goal, max_episo
 
 
 def test_helpers_are_identical_copies_of_a2c_darkroom():
-    for name in ["layer_init", "nstep_returns"]:
+    for name in ["layer_init", "nstep_returns", "on_interrupt", "available_memory", "check_writable", "write_atomic"]:
         assert inspect.getsource(getattr(ch, name)) == inspect.getsource(getattr(a2c_darkroom, name)), name
+
+
+def test_ctrl_c_handler_is_the_same_in_every_script():
+    def block(name):
+        text = open(os.path.join(ROOT, name)).read()
+        return text[text.index("import signal\n"):text.index("signal.signal(signal.SIGINT, on_interrupt)\n")]
+
+    blocks = [block(name) for name in ["collect_histories.py", "a2c_darkroom.py", "ad_dt.py", "eval_ad.py"]]
+    assert all(b == blocks[0] for b in blocks) and "sys.exit(130)" in blocks[0]
 
 
 def test_init_matches_a2c_darkroom_agent():
@@ -351,41 +388,34 @@ def test_resume_skips_done_tasks_and_overwrite_redoes_them(tmp_path, capsys):
 
 def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path):
     out = tmp_path / "h"
-    flags = ["--histories-dir", str(out), "--num-envs", "2", "--num-steps", "50", "--history-len", "20000"]
-    # 80 agents: about a second (or more) before their histories are complete
-    args = [sys.executable, SCRIPT, *flags, "--tasks", "all", "--total-timesteps", "10000000"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        stderr = []
-        reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
-        reader.start()
-        deadline = time.time() + 60
-        while "a2c x80" not in "".join(stderr) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.01)  # wait for the progress bar: the training loop has started
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        reader.join(timeout=10)
-    finally:
-        if proc.poll() is None:  # a test that failed above leaves no collector running
-            proc.kill()
-            proc.wait()
-    stderr = "".join(stderr)
-    assert proc.returncode == 130, stderr
-    assert "interrupted: 0 of 80 histories written" in stderr
-    assert files_under(out) == ["tasks.json"]  # no history, no temp file
+    flags = ["--histories-dir", out, "--num-envs", "2", "--num-steps", "50", "--history-len", "20000"]
+    # 80 agents: about a second (or more) before their histories are complete; Ctrl-C once the training loop has started
+    code, lines = interrupt([SCRIPT, *flags, "--tasks", "all", "--total-timesteps", "10000000"], tmp_path, wait_for="a2c x80")
+    assert code == 130 and len(lines) == 1, lines
+    assert lines[0].startswith(f"interrupted: 0 of 80 histories written to {out}/ (rerun the same command") and "runs/" in lines[0]
+    assert files_under(out) == []  # no history, no temp file, no tasks.json
+    assert len(glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))) == 1  # the logs are kept
     # a rerun with the same flags (here: for one of the tasks) does the job
-    assert run_in_process(tmp_path, *flags, "--tasks", "0,1", "--total-timesteps", "20000") == 0
+    assert run_in_process(tmp_path, *map(str, flags), "--tasks", "0,1", "--total-timesteps", "20000") == 0
     assert len(glob.glob(str(out / "*" / "goal_0_1.npz"))) == 1
 
 
-def test_write_interrupted_midway_leaves_no_file(tmp_path):
+def test_ctrl_c_during_imports_exits_130_with_one_line(tmp_path):
+    """Imports take seconds: Ctrl-C 0.5 s after the start lands among them, and still gives one line, no traceback."""
+    code, lines = interrupt([SCRIPT, "--histories-dir", tmp_path / "h", "--tasks", "0,1"], tmp_path, after=0.5)
+    assert (code, lines) == (130, ["interrupted: nothing was written"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])  # SystemExit(130): what on_interrupt raises
+def test_write_interrupted_midway_leaves_no_file(tmp_path, interruption):
     path = str(tmp_path / "x.npz")
 
     def write(f):
         f.write(b"partial")
-        raise KeyboardInterrupt
+        raise interruption(130)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(interruption):
         ch.write_atomic(path, write)
     assert os.listdir(tmp_path) == []
 
@@ -403,6 +433,30 @@ def test_bad_input_subprocess_one_line_error_nothing_written(tmp_path):
     assert not out.exists() and not (tmp_path / "runs").exists()
 
 
+# the flags a2c_darkroom.py shares: numpy's seeding refused the seeds with a traceback, the others crashed or
+# misbehaved later
+A2C_BAD_INPUT = [
+    (["--seed", "-1"], "--seed must be in 0..2**32-1"),
+    (["--seed", str(2**32)], "--seed must be in 0..2**32-1"),
+    (["--learning-rate", "-1"], "--learning-rate must be positive"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--learning-rate", "nan"], "--learning-rate must be positive"),
+    (["--learning-rate", "inf"], "--learning-rate must be positive"),
+    (["--adam-eps", "0"], "--adam-eps must be positive"),
+    (["--adam-eps", "-1e-6"], "--adam-eps must be positive"),
+    (["--num-steps", "0"], "--num-steps must be positive"),
+    (["--max-episode-steps", "0"], "--max-episode-steps must be positive"),
+    (["--hidden-size", "0"], "--hidden-size must be positive"),
+    (["--log-every", "0"], "--log-every must be positive"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--gamma", "nan"], "--gamma must be in [0, 1]"),
+    (["--ent-coef", "-0.01"], "--ent-coef must be at least 0"),
+    (["--vf-coef", "inf"], "--vf-coef must be at least 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm must be positive"),
+    (["--exp-name", "a/b"], "--exp-name must be a file name"),
+    (["--exp-name", ""], "--exp-name must be a file name"),
+]
 BAD_INPUT = [
     (["--tasks", "9,0"], "unknown task '9,0'"),
     (["--tasks", "train", "north"], "unknown task 'north'"),
@@ -419,6 +473,14 @@ BAD_INPUT = [
     (["--size", "17"], "need --size <= 16"),
     (["--source", "noise", "--noise-episodes", "0"], "--noise-episodes must be positive"),
     (["--source", "explorer", "--explorer-eps", "1.5"], "--explorer-eps must be in [0, 1]"),
+    (["--split-seed", "-1"], "--split-seed must be at least 0"),
+    (["--num-threads", "0"], "--num-threads must be positive"),
+    (["--history-len", "0"], "--history-len must be positive"),
+    (["--max-episode-steps", "257"], "need --size <= 16 and --max-episode-steps <= 256"),
+    (["--size", "1"], "--size must be at least 2"),
+    (["--source", "noise", "--noise-floor", "-0.1"], "--noise-floor must be in [0, 1]"),
+    (["--source", "explorer", "--explorer-eps", "nan"], "--explorer-eps must be in [0, 1]"),
+    *A2C_BAD_INPUT,
 ]
 
 
@@ -437,6 +499,146 @@ def test_bad_input_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", [ch, a2c_darkroom])
+def test_cuda_without_a_gpu_is_an_error(monkeypatch, script):
+    """It used to run on the CPU without a word."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=re.escape("error: --cuda must be left out on a machine without a CUDA GPU")):
+        script.check_args(tyro.cli(script.Args, args=["--cuda"]))
+    script.check_args(tyro.cli(script.Args, args=[]))
+
+
+def test_histories_dir_that_is_a_file_is_an_error(tmp_path, capsys):
+    (tmp_path / "h").write_text("mine")
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "h"), "--tasks", "0,1", *TINY) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --histories-dir must be a directory, not a file, got {tmp_path / 'h'}"]
+    assert (tmp_path / "h").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["h"]
+
+
+@pytest.mark.parametrize("blocked", ["runs", "parent", "h/train"])
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, blocked):
+    """A directory the outputs cannot be written to: one line up front (a file in the way works as root too)."""
+    out = tmp_path / "parent" / "h" if blocked == "parent" else tmp_path / "h"
+    (tmp_path / blocked).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / blocked).write_text("in the way")
+    assert run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "0,1", *TINY) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write ") and ("--histories-dir" in err[0] or "runs/" in err[0]), err
+    assert not glob.glob(str(tmp_path / "**" / "*.*"), recursive=True)  # no tasks.json, history or log
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_runs_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs").chmod(0o555)
+    try:
+        assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "h"), "--tasks", "0,1", *TINY) == 1
+    finally:
+        (tmp_path / "runs").chmod(0o755)
+    assert "error: cannot write runs/" in capsys.readouterr().err
+    assert not glob.glob(str(tmp_path / "**" / "*.*"), recursive=True)
+
+
+def test_too_large_for_memory_is_an_error(tmp_path, capsys, monkeypatch):
+    big = ["--history-len", str(10**14), "--total-timesteps", str(10**14), "--tasks", "0,1"]  # 7 bytes a step: 637 TiB
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "h"), *big) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"error: --history-len 100000000000000 with --num-envs 10 and 1 task\(s\) to collect "
+                                      r"needs about 6519\d\d\.\d GiB, [\d.]+ GiB more than the [\d.]+ GiB available: lower",
+                                      err[0]), err
+    assert os.listdir(tmp_path) == []
+    # refused only when over what is available
+    args = tyro.cli(ch.Args, args=["--history-len", "100000"])
+    monkeypatch.setattr(ch, "available_memory", lambda: 2**29)
+    ch.check_memory(args, 80)  # 80 agents x 10 streams x 10000 steps x 7 bytes = 56 MB, + 0.3 GiB for the rest
+    with pytest.raises(SystemExit, match=r"--history-len 1000000 .* and 80 task\(s\) to collect needs about 0\.8 GiB, 0\.3 GiB more "
+                                         r"than the 0\.5 GiB available"):
+        ch.check_memory(tyro.cli(ch.Args, args=["--history-len", "1000000", "--total-timesteps", "1000000"]), 80)
+
+
+def test_failed_run_leaves_nothing_that_blocks_another_config(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "h"
+    # the issue's command: refused before anything is written
+    assert run_in_process(tmp_path, "--tasks", "0,0", "--learning-rate", "-1", "--histories-dir", str(out)) == 1
+    assert not out.exists()
+
+    # a run that fails while writing its first history (a full disk, say) leaves only tasks.json ...
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez_compressed", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "0,1", *TINY)
+    assert files_under(out) == ["tasks.json"]
+    # ... which does not block the corrected rerun, with another config: its tasks.json replaces the old one
+    assert run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "0,1", *TINY, "--learning-rate", "0.001") == 0
+    assert json.loads((out / "tasks.json").read_text())["algo"]["learning_rate"] == 0.001
+    assert len(glob.glob(str(out / "*" / "goal_0_1.npz"))) == 1
+    # once a history is there, another config is refused again
+    capsys.readouterr()
+    assert run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "0,2", *TINY) == 1
+    assert "was made with another config (algo:" in capsys.readouterr().err
+
+
+def test_lost_tasks_json_is_rebuilt_by_the_same_command(tmp_path, capsys):
+    out = tmp_path / "h"
+    base = ["--histories-dir", str(out), *TINY]
+    assert run_in_process(tmp_path, *base, "--tasks", "0,1", "0,2") == 0
+    original = (out / "tasks.json").read_text()
+    histories = {p: os.stat(out / p).st_mtime_ns for p in files_under(out) if p.endswith(".npz")}
+    # another config is refused (its histories' metadata say so), and writes no tasks.json
+    (out / "tasks.json").unlink()
+    capsys.readouterr()
+    assert run_in_process(tmp_path, *base, "--tasks", "0,1", "0,2", "--seed", "2") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was made with another config (seed: 1 != 2)" in err[0], err
+    assert not (out / "tasks.json").exists()
+    # the same flags rebuild it, with nothing else to do; naming fewer tasks still checks every history there
+    for tasks in (["0,1", "0,2"], ["0,1"]):
+        (out / "tasks.json").unlink(missing_ok=True)
+        assert run_in_process(tmp_path, *base, "--tasks", *tasks) == 0
+        assert "nothing to do but rebuild the lost" in capsys.readouterr().out
+        assert (out / "tasks.json").read_text() == original
+    # and with more to do, it is written with the next history
+    (out / "tasks.json").unlink()
+    assert run_in_process(tmp_path, *base, "--tasks", "0,1", "0,2", "0,3") == 0
+    assert (out / "tasks.json").read_text() == original
+    assert {p: os.stat(out / p).st_mtime_ns for p in histories} == histories
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"format_version": 1}', "not json", "directory"])
+def test_tasks_json_that_is_not_ours_is_an_error(tmp_path, capsys, content):
+    out = tmp_path / "h"
+    out.mkdir()
+    if content == "directory":
+        (out / "tasks.json").mkdir()
+    else:
+        (out / "tasks.json").write_text(content)
+    assert run_in_process(tmp_path, "--histories-dir", str(out), "--tasks", "0,1", *TINY) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out / 'tasks.json'} is ") and "rebuilt" in err[0], err
+    assert files_under(out) == ([] if content == "directory" else ["tasks.json"])
+
+
+def test_byte_flipped_history_is_an_error(tmp_path, capsys):
+    out = tmp_path / "h"
+    base = ["--histories-dir", str(out), "--tasks", "0,1", *TINY]
+    assert run_in_process(tmp_path, *base) == 0
+    (path,) = glob.glob(str(out / "*" / "goal_0_1.npz"))
+    data = open(path, "rb").read()
+    for where in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
+        flipped = bytearray(data)
+        flipped[where] ^= 0xFF
+        with open(path, "wb") as f:
+            f.write(flipped)
+        capsys.readouterr()
+        assert run_in_process(tmp_path, *base) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is corrupt or incomplete" in err[0] and "--overwrite" in err[0], err
 
 
 def test_corrupt_existing_history_is_an_error(tmp_path, capsys):
