@@ -251,12 +251,3 @@ def test_ctrl_c_during_imports_and_training_exits_130_with_one_line(collection, 
                             tmp_path, after=1.0, wait_for="held-out goals x")
     assert code == 130 and len(lines) == 1 and lines[0].startswith("interrupted: "), lines
     assert not list((tmp_path / "out").glob("*.tmp*"))
-
-
-def test_on_interrupt_is_the_same_in_every_script():
-    def block(name):
-        text = (ROOT / name).read_text()
-        return text[text.index("def on_interrupt"):text.index("import json")]
-
-    assert block("ad_dt.py") == block("eval_ad.py")
-    assert "sys.exit(130)" in block("ad_dt.py")
