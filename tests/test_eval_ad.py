@@ -6,18 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from toymeta.dark_room import DarkRoom
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import ad_dt  # noqa: E402
 import eval_ad  # noqa: E402
+from test_ad_dt import collect_history  # noqa: E402  (a tiny collection: a shortest-path policy whose noise decays)
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
 
@@ -27,41 +26,6 @@ TEST_GOALS = [[4, 5], [2, 6], [7, 1]]
 ALL_GOALS = [[row, col] for row in range(9) for col in range(9) if (row, col) != (4, 4)]
 CENTRE = 40
 MOVES = np.array([[0, 0], [-1, 0], [0, 1], [1, 0], [0, -1]])  # row, col change of noop, up, right, down, left
-
-
-# a tiny collection: a shortest-path policy whose action noise decays over the episodes, so it learns
-def shortest_path_action(pos, goal):
-    if pos[0] > goal[0]:
-        return 1  # up
-    if pos[0] < goal[0]:
-        return 3  # down
-    if pos[1] < goal[1]:
-        return 2  # right
-    if pos[1] > goal[1]:
-        return 4  # left
-    return 0
-
-
-def collect_history(goal, num_streams, steps, seed):
-    rng = np.random.default_rng(seed)
-    keys = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
-    out = {key: np.zeros((num_streams, steps), dtype=bool if key in ("terminated", "truncated") else np.uint8) for key in keys}
-    for s in range(num_streams):
-        env = gym.wrappers.TimeLimit(DarkRoom(size=9, goal=goal, random_start=False, terminate_on_goal=True), max_episode_steps=20)
-        state, _ = env.reset(seed=seed + s)
-        episode, timestep = 0, 0
-        for t in range(steps):
-            epsilon = max(0.05, 1.0 - episode / 10)
-            action = int(rng.integers(5)) if rng.random() < epsilon else shortest_path_action(divmod(state, 9), goal)
-            next_state, reward, terminated, truncated, _ = env.step(action)
-            truncated = truncated and not terminated
-            for key, value in zip(keys, (state, action, reward, next_state, terminated, truncated, timestep)):
-                out[key][s, t] = value
-            state, timestep = next_state, timestep + 1
-            if terminated or truncated:
-                state, _ = env.reset()
-                episode, timestep = episode + 1, 0
-    return out
 
 
 def write_collection(root, num_streams=2, steps=300):
