@@ -127,9 +127,15 @@ def test_results_json_has_the_documented_keys_and_shapes(evaluated, checkpoints)
     loss = diagnostics["teacher_forced_loss"]
     assert loss["held_out"] > 0 and loss["train"] > 0 and loss["windows"] == 8 and loss["keep_every"] == 1
     assert diagnostics["episode_reaching_90pct_of_optimal"]["optimal"] == 1
+    # fidelity: AD's success minus its source's from scratch, per episode, for whatever the source is (here noise)
+    ad, source = (np.array(results["methods"][name]["success_by_episode"]["mean"]) for name in ("ad", "noise"))
+    np.testing.assert_allclose(diagnostics["fidelity_to_source"], ad - source)
+    assert np.abs(ad - source).max() > 0  # the two curves differ: a fidelity that ignored one of them would fail
+    assert len(train["fidelity_to_source"]) == EPISODES
     # the terminal table: episodes 1, 2, 5 and the last, and the 90%-of-optimal row
     table = proc.stdout[proc.stdout.index("| episode |"):].splitlines()
     assert [line.split("|")[1].strip() for line in table[2:7]] == ["1", "2", "5", "6", "90% of optimal"]
+    assert table[0].split("|")[-2].strip() == "AD - noise success"
 
 
 def test_plot_and_video_exist_and_read_back(evaluated):
