@@ -20,6 +20,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -29,7 +30,9 @@ import torch
 import tyro
 from matplotlib.figure import Figure
 
-# what this script evaluates comes from the script that trains it (as CleanRL's evals import the training script's network)
+# what this script evaluates comes from the script that trains it (as CleanRL's evals import the training script's network),
+# and the sources it compares with from the script that wrote the histories
+import collect_histories
 from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, evaluate_in_context, load_checkpoint, load_histories, make_dataset,
                    sample_windows, summarize_evaluation, teacher_forced_loss)
 
@@ -105,7 +108,7 @@ class RandomPolicy:
     def act(self, states):
         return self.rng.integers(0, NUM_ACTIONS, len(states))
 
-    def observe(self, reached, rewards):
+    def observe(self, reached, rewards, terminated, ended):
         pass
 
 
@@ -118,7 +121,7 @@ class OptimalPolicy:
     def act(self, states):
         return step_towards(states, self.goal_states, self.size)
 
-    def observe(self, reached, rewards):
+    def observe(self, reached, rewards, terminated, ended):
         pass
 
 
@@ -154,11 +157,30 @@ class ExplorationOracle:
         targets = np.where(self.known_goal >= 0, self.known_goal, distance.argmin(1))  # argmin: the first of the nearest
         return self.to_room[envs, step_towards(seen, targets, self.size)]
 
-    def observe(self, reached, rewards):
+    def observe(self, reached, rewards, terminated, ended):
         """Learn from one step: the cell the action led to (before any reset) and its reward."""
         seen = self.view[np.arange(len(reached)), reached]
         self.visited[np.arange(len(reached)), seen] = True
         self.known_goal = np.where(rewards > 0, seen, self.known_goal)
+
+
+LEARNER_PER_STREAM = ("noise", "explorer", "dynaq")  # sources whose every stream is one learner from scratch
+
+
+class SourceLearner:
+    """The source of a learner-per-stream histories directory (explorer, noise, dynaq), from scratch in every env, with
+    the histories' own config: the source's curve over as many episodes as the model's, however short its streams."""
+
+    def __init__(self, num_envs, size, goal_states, rng, meta):
+        config = collect_histories.Args(source=meta["source"], size=size, **meta["algo"])
+        rngs = [np.random.default_rng(s) for s in rng.integers(0, 2**63, num_envs)]  # one generator per env
+        if config.source == "dynaq":
+            learner = collect_histories.DynaQLearner(num_envs, size * size, rngs, config.dynaq_q0, config.dynaq_gamma,
+                                                     config.dynaq_sweeps, config.dynaq_eps)
+        else:
+            learner = collect_histories.ScriptedLearner(config.source, goal_states, rngs, size, config.noise_episodes,
+                                                        config.noise_floor, config.explorer_eps)
+        self.act, self.observe = learner.act, learner.observe
 
 
 def run_policy(policy_class, goals, env, num_seeds, num_episodes, rng=None):
@@ -174,7 +196,7 @@ def run_policy(policy_class, goals, env, num_seeds, num_episodes, rng=None):
     state, _ = envs.reset()
     while episode.min() < num_episodes:
         state, reward, terminated, truncated, info = envs.step(policy.act(state))
-        policy.observe(info["final_obs"], reward)  # the cell the action led to, before any reset
+        policy.observe(info["final_obs"], reward, terminated, terminated | truncated)  # final_obs: where the action led
         active = np.flatnonzero(episode < num_episodes)
         returns[active, episode[active]] += reward[active]
         lengths[active, episode[active]] += 1
@@ -466,7 +488,9 @@ if __name__ == "__main__":
         raise SystemExit(f"error: cannot write --out-dir {out_dir} ({e.strerror}): give a writable directory")
     KEPT = f"nothing: {out_dir}/ gets its files only once the evaluation is done"
     notes = []
-    if not test_histories:
+    if source in LEARNER_PER_STREAM:
+        notes.append(f"the {source} baseline is the source run from scratch here, with the histories' config ({metas[0]['algo']})")
+    elif not test_histories:
         notes.append(f"no held-out histories in {histories_dir}/test: the source-from-scratch baseline is left out; run `python collect_histories.py --tasks test`")
     elif len(test_histories) < len(tasks["test"]):
         notes.append(f"the source-from-scratch baseline covers the {len(test_histories)} of {len(tasks['test'])} held-out goals with a history in {histories_dir}/test")
@@ -492,7 +516,10 @@ if __name__ == "__main__":
             baseline = run_policy(policy, goals, env, args.seeds, args.episodes, np.random.default_rng(args.seed))
             methods[part][name] = Runs(baseline["returns"], task_of_run, goals)
         histories = test_histories if part == "held_out" else train_histories
-        if histories:
+        if source in LEARNER_PER_STREAM:  # run the source itself from scratch, as long as the model
+            runs = run_policy(partial(SourceLearner, meta=metas[0]), goals, env, args.seeds, args.episodes, np.random.default_rng(args.seed))
+            methods[part][source] = Runs(runs["returns"], task_of_run, goals)
+        elif histories:  # a trained source (A2C): episode k of every stream of its histories on these goals
             returns, task_of_row = source_episodes(histories, args.episodes)
             methods[part][source] = Runs(returns, task_of_row, [h["meta"]["goal"] for h in histories])
             if returns.shape[1] < args.episodes:

@@ -4,6 +4,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -179,7 +180,7 @@ def goal_free_sweep(num_envs, num_episodes, seed):
         action = oracle.act(state)
         reached = np.clip(np.divmod(state, 9) + MOVES[action].T, 0, 8).T @ [9, 1]
         state, reward, terminated, truncated, _ = room.step(action)
-        oracle.observe(reached, reward)
+        oracle.observe(reached, reward, terminated, terminated | truncated)
         first_visit[envs, reached] = np.where(first_visit[envs, reached] == 0, episode + 1, first_visit[envs, reached])
         episode += terminated | truncated
     return first_visit
@@ -306,17 +307,47 @@ def run_in_process(monkeypatch, *flags):
     return None
 
 
-def test_without_held_out_histories_the_source_baseline_is_left_out_with_a_note(checkpoints, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("source", ["a2c", "noise"])
+def test_without_held_out_histories_only_a_trained_source_is_left_out_with_a_note(source, checkpoints, tmp_path, monkeypatch, capsys):
     histories = tmp_path / "histories"
     shutil.copytree(checkpoints["histories"], histories, ignore=shutil.ignore_patterns("test"))
+    for path in (histories / "train").glob("*.npz"):  # the same histories, said to come from this source
+        with np.load(path) as h:
+            arrays = {key: h[key] for key in h.files}
+        arrays["metadata"] = np.array(json.dumps({**json.loads(arrays["metadata"].item()), "source": source}))
+        np.savez_compressed(path, **arrays)
     assert run_in_process(monkeypatch, "--checkpoint", checkpoints["trained"], "--histories-dir", histories, "--episodes", 3,
                           "--seeds", 1, "--video-episodes", 0, "--out-dir", tmp_path / "out") is None
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["methods"]) == {"ad", "random", "optimal", "oracle"}
-    assert "python collect_histories.py --tasks test" in capsys.readouterr().out
-    assert any("collect_histories.py --tasks test" in note for note in results["notes"])
     assert results["diagnostics"]["teacher_forced_loss"]["held_out"] is None and results["diagnostics"]["teacher_forced_loss"]["train"] > 0
     assert not (tmp_path / "out" / "video.mp4").exists()
+    if source == "a2c":  # a trained source's curve comes from its held-out histories only
+        assert set(results["methods"]) == {"ad", "random", "optimal", "oracle"}
+        assert "python collect_histories.py --tasks test" in capsys.readouterr().out
+        assert any("collect_histories.py --tasks test" in note for note in results["notes"])
+    else:  # a learner per stream is run from scratch on the held-out goals
+        assert set(results["methods"]) == {"ad", "random", "optimal", "oracle", "noise"}
+        assert results["methods"]["noise"]["runs"] == len(TEST_GOALS)
+
+
+def test_a_scripted_source_run_from_scratch_matches_its_own_histories(tmp_path):
+    """The source baseline of an explorer directory is collect_histories.py's explorer itself: its curve from scratch
+    equals, within sampling noise, that of the streams it wrote for the same goals."""
+    flags = ["--source", "explorer", "--explorer-eps", "0.1", "--tasks", "test", "--num-envs", "200", "--history-len", str(200 * 100),
+             "--histories-dir", str(tmp_path / "h"), "--num-threads", "1"]
+    proc = subprocess.run([sys.executable, str(ROOT / "collect_histories.py"), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, histories = ad_dt.load_histories(tmp_path / "h", "test")
+    written, _ = eval_ad.source_episodes(histories, 4)  # [23 goals x 200 streams, 4 episodes]
+    goals = [h["meta"]["goal"] for h in histories]
+    learner = partial(eval_ad.SourceLearner, meta=histories[0]["meta"])
+    rerun = eval_ad.run_policy(learner, goals, ENV, 200, 4, np.random.default_rng(0))["returns"]
+    assert written.shape == rerun.shape == (len(goals) * 200, 4)
+    error = np.abs(written.mean(0) - rerun.mean(0))
+    assert error.max() < 0.03, (written.mean(0), rerun.mean(0))  # 4600 runs: a 95% interval of about +-0.015
+    assert written.mean(0)[0] < 0.4 < written.mean(0)[3]  # it learns: a wrong learner (random, oracle) would not match
+    oracle = eval_ad.run_policy(eval_ad.ExplorationOracle, goals, ENV, 200, 4, np.random.default_rng(0))["returns"]
+    assert np.abs(oracle.mean(0) - rerun.mean(0)).max() > 0.05
 
 
 def test_a_missing_checkpoint_is_one_line_on_stderr(tmp_path):
