@@ -42,6 +42,6 @@ stage "3/6 explorer histories: 1000 short learners per task -> histories_explore
 stage "4/6 AD on the A2C histories (ad_dt.py defaults) + evaluation"
 ad_and_eval ad_a2c histories
 stage "5/6 AD on the explorer histories + evaluation"
-ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --num-updates 3000
+ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --num-updates 6000
 stage "6/6 done in ${SECONDS}s"
 echo "plots, tables (results.json) and videos: results/ad_a2c/ and results/ad_explorer/; curves: tensorboard --logdir runs"
