@@ -47,3 +47,22 @@ def test_every_config_names_a_known_source(study):
     for name, (histories, flags) in sweep.STUDIES[study].items():
         assert histories in sweep.SOURCES, name
         assert all(isinstance(f, str) for f in flags), name
+
+
+def test_curves_summary_reports_the_fidelity_gap_and_the_early_mean(tmp_path):
+    import json
+
+    import curves
+
+    ad = [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0]
+    source = [0.3, 0.5, 0.7, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # shorter: the gap covers the shared episodes
+    results = {"source": "explorer", "args": {"temperature": 1.0}, "checkpoint": {"train_args": {"seq_len": 8}},
+               "methods": {"ad": {"success_by_episode": {"mean": ad}}, "explorer": {"success_by_episode": {"mean": source}},
+                           "random": {"success_by_episode": {"mean": [0.1] * 12}}},
+               "diagnostics": {"held_out": {"ad": {"success_after_success": 0.9}}, "teacher_forced_loss": None, "train_goals": None}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    row = curves.summary(path)
+    assert row["mean_1_10"] == pytest.approx(np.mean(ad[:10]))
+    assert row["worst_gap_from_episode_5"] == pytest.approx(-0.2)  # episode 5: 0.8 - 1.0; episodes 1-4 do not count
+    assert set(row["success_by_episode"]) == {"ad", "explorer"}
