@@ -13,7 +13,7 @@ def summary(path):
     results = json.loads(Path(path).read_text())
     methods, source = results["methods"], results["source"]
     ad = methods["ad"]["success_by_episode"]["mean"]
-    curve = {name: [round(x, 3) for x in m["success_by_episode"]["mean"]] for name, m in methods.items() if name in ("ad", source)}
+    curve = {name: [round(x, 4) for x in m["success_by_episode"]["mean"]] for name, m in methods.items() if name in ("ad", source)}
     source_curve = methods.get(source, {}).get("success_by_episode", {}).get("mean", [])
     gap = [a - s for a, s in zip(ad, source_curve)]  # results.json's fidelity_to_source (recomputed: older files lack it)
     train = (results["diagnostics"].get("train_goals") or {}).get("methods", {}).get("ad")
@@ -24,7 +24,7 @@ def summary(path):
         "mean_1_10": round(sum(ad[:10]) / len(ad[:10]), 3),
         "worst_gap_from_episode_5": round(min(gap[4:]), 3) if len(gap) > 4 else None,
         "exploit_rate": results["diagnostics"]["held_out"]["ad"]["success_after_success"],
-        "train_goals_success": [round(x, 3) for x in train["success_by_episode"]["mean"]] if train else None,
+        "train_goals_success": [round(x, 4) for x in train["success_by_episode"]["mean"]] if train else None,
         "loss_held_out_train": [loss.get("held_out"), loss.get("train")],
     }
 
