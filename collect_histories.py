@@ -836,18 +836,22 @@ class HistoryRecorder:
         return True
 
 
+def make_learner(args: Args, goal_states: np.ndarray, rngs):
+    """The learner of a per-stream source for envs with these goals: all of its streams learn from scratch."""
+    if args.source == "dynaq":
+        return DynaQLearner(len(goal_states), args.size * args.size, rngs, args.dynaq_q0, args.dynaq_gamma,
+                            args.dynaq_sweeps, args.dynaq_eps)
+    return ScriptedLearner(args.source, goal_states, rngs, args.size, args.noise_episodes, args.noise_floor,
+                           args.explorer_eps)
+
+
 def collect_per_stream(args: Args, recorder: HistoryRecorder, envs: DarkRoomVectorEnv, rngs, writer: SummaryWriter) -> None:
     """The sources whose every env stream is one learner from scratch: `noise` and `explorer` (a `ScriptedLearner`,
     nothing to train) and `dynaq` (a `DynaQLearner`, which learns from each step as it goes).
 
     The same rollouts, histories and charts as the A2C loop in main, with the learner's actions, kept in `recorder`.
     """
-    if args.source == "dynaq":
-        learner = DynaQLearner(envs.num_envs, args.size * args.size, rngs, args.dynaq_q0, args.dynaq_gamma,
-                               args.dynaq_sweeps, args.dynaq_eps)
-    else:
-        learner = ScriptedLearner(args.source, envs.goal_states, rngs, args.size, args.noise_episodes, args.noise_floor,
-                                  args.explorer_eps)
+    learner = make_learner(args, envs.goal_states, rngs)
     envs.reset(seed=args.seed)
     progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{len(rngs)}", unit="update", mininterval=1.0)
     for update in progress:

@@ -174,12 +174,7 @@ class SourceLearner:
     def __init__(self, num_envs, size, goal_states, rng, meta):
         config = collect_histories.Args(source=meta["source"], size=size, **meta["algo"])
         rngs = [np.random.default_rng(s) for s in rng.integers(0, 2**63, num_envs)]  # one generator per env
-        if config.source == "dynaq":
-            learner = collect_histories.DynaQLearner(num_envs, size * size, rngs, config.dynaq_q0, config.dynaq_gamma,
-                                                     config.dynaq_sweeps, config.dynaq_eps)
-        else:
-            learner = collect_histories.ScriptedLearner(config.source, goal_states, rngs, size, config.noise_episodes,
-                                                        config.noise_floor, config.explorer_eps)
+        learner = collect_histories.make_learner(config, goal_states, rngs)
         self.act, self.observe = learner.act, learner.observe
 
 
