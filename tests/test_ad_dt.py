@@ -1,6 +1,6 @@
 """Tests of ad_dt.py: data checks and pace, the window sampler, the KV cache, the eval env, and a tiny end-to-end run."""
 import json
-import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -353,9 +353,19 @@ def test_tiny_run_trains_evaluates_checkpoints_resumes_and_reloads(collection, t
     assert 0 < events.Scalars("diagnostics/heldout_action_loss")[0].value < 3
 
 
-def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "ad_dt.py"), "--resume", str(tmp_path / "x.pt")], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1 and "x.pt" in proc.stderr
+def run_main_in_process(cwd, monkeypatch, *flags):
+    """ad_dt.py's main in this process (no interpreter start-up); returns the SystemExit it raised."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["ad_dt.py", *map(str, flags)])
+    with pytest.raises(SystemExit) as error:
+        runpy.run_path(str(ROOT / "ad_dt.py"), run_name="__main__")
+    return error.value
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path, monkeypatch):
+    error = run_main_in_process(tmp_path, monkeypatch, "--resume", tmp_path / "x.pt")
+    assert isinstance(error.code, str) and error.code.startswith("error: ") and "\n" not in error.code and "x.pt" in error.code
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_summary_diagnostics_on_a_hand_made_result():
@@ -409,12 +419,11 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(col
     assert max(float((half[k] - one[k]).abs().max()) for k in one) > 1e-3
 
 
-def test_batch_not_divisible_by_the_torchrun_processes_is_one_line(collection, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "ad_dt.py"), "--histories-dir", str(collection), "--batch-size", "5"],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"}, timeout=120,
-    )
-    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == ["error: --batch-size must be divisible by the 2 torchrun processes, got 5"]
+def test_batch_not_divisible_by_the_torchrun_processes_is_one_line(collection, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check comes before any process group is made
+    monkeypatch.setenv("RANK", "0")
+    error = run_main_in_process(tmp_path, monkeypatch, "--histories-dir", collection, "--batch-size", "5")
+    assert error.code == "error: --batch-size must be divisible by the 2 torchrun processes, got 5"
 
 
 def test_stream_start_windows_begin_with_an_empty_context(collection):

@@ -241,11 +241,10 @@ def interrupt(args, cwd, after, wait_for=None):
     return proc.returncode, [line for line in shown if line and "%|" not in line]
 
 
-def test_ctrl_c_during_imports_and_training_exits_130_with_one_line(collection, trained, tmp_path):
-    code, lines = interrupt([ROOT / "ad_dt.py", "--histories-dir", collection, *TINY], tmp_path, after=0.3)
-    assert code == 130 and len(lines) == 1 and lines[0].startswith("interrupted: "), lines
+def test_ctrl_c_during_training_and_evaluation_exits_130_with_one_line(collection, trained, tmp_path):
+    # (during the imports: the same on_interrupt as collect_histories.py's and a2c_darkroom.py's, tested there)
     flags = [ROOT / "ad_dt.py", "--histories-dir", collection, *TINY, "--num-updates", "100000", "--checkpoint-every", "2", "--eval-every", "100000"]
-    code, lines = interrupt(flags, tmp_path, after=3.0, wait_for="streams")
+    code, lines = interrupt(flags, tmp_path, after=1.5, wait_for="streams")
     assert code == 130 and len(lines) == 1 and "--resume" in lines[-1], lines
     code, lines = interrupt([ROOT / "eval_ad.py", "--checkpoint", trained["checkpoint"], "--episodes", 100000, "--out-dir", tmp_path / "out"],
                             tmp_path, after=1.0, wait_for="held-out goals x")
