@@ -73,6 +73,10 @@ class Args:
     prev_next_state: bool = False
     """if toggled, every transition also shows where the previous action led (s'_{t-1}): in terminate mode the
     goal cell is never a state, only where the rewarded action led, so this puts the goal itself in the context"""
+    prev_state: bool = False
+    """if toggled, every transition also shows the state the previous action was taken in (s_{t-1}), so one token
+    holds the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as
+    Dyna-Q answers at every step, is then one attention lookup instead of two"""
     seq_len: int = 128
     """context length in transitions (tokens = seq_len x tokens per transition)"""
     embedding_dim: int = 64
@@ -135,7 +139,7 @@ NO_ACTION = NUM_ACTIONS  # "no previous transition": start of a stream, or an em
 NO_REWARD = 2  # rewards are 0/1; index 2 = no previous transition
 NO_STATE = 255  # no previous transition, in prev_next_states (uint8); the model maps it to its own embedding row
 HISTORY_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
-INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states")  # model inputs, in forward's order
+INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states")  # model inputs, in forward's order
 
 
 def check_args(args, world_size=1):
@@ -251,10 +255,10 @@ def load_histories(histories_dir, split="train"):
 def make_dataset(histories, history_len=None, keep_every=1):
     """Cut each agent's history, keep every k-th episode, and flatten all streams into one table.
 
-    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps, prev_next_states) and
-    `offsets` (stream i is rows offsets[i]:offsets[i+1]). prev_actions/prev_rewards/prev_next_states hold the
-    previous transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/
-    NO_STATE at its first row.
+    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps, prev_next_states,
+    prev_states) and `offsets` (stream i is rows offsets[i]:offsets[i+1]). The prev_* columns hold the previous
+    transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/NO_STATE at its
+    first row.
     """
     columns = {key: [] for key in ("actions", *INPUT_KEYS)}
     lengths = []
@@ -267,7 +271,9 @@ def make_dataset(histories, history_len=None, keep_every=1):
             episode = np.concatenate([[0], np.cumsum(done[:-1])])  # episode index of every transition
             keep = episode % keep_every == 0
             actions, rewards = h["actions"][s, :steps][keep], h["rewards"][s, :steps][keep]
-            columns["states"].append(h["states"][s, :steps][keep])
+            states = h["states"][s, :steps][keep]
+            columns["states"].append(states)
+            columns["prev_states"].append(np.concatenate([[NO_STATE], states])[:-1].astype(np.uint8))
             columns["actions"].append(actions)
             columns["prev_actions"].append(np.concatenate([[NO_ACTION], actions])[:-1].astype(np.uint8))
             columns["prev_rewards"].append(np.concatenate([[NO_REWARD], rewards])[:-1].astype(np.uint8))
@@ -328,6 +334,7 @@ class GPTConfig:
     """tokens per transition, "one" or "three"; this field and the ones below are the Args flags of the same names"""
     state_embedding: str = "cell"
     prev_next_state: bool = False
+    prev_state: bool = False
     embedding_dim: int = 64
     num_layers: int = 4
     num_heads: int = 4
@@ -437,6 +444,7 @@ class ADTransformer(nn.Module):
             dict(
                 state_emb=state_emb,
                 next_state_emb=nn.Embedding(config.num_states + 1, d) if config.prev_next_state else nn.Identity(),  # + NO_STATE
+                prev_state_emb=nn.Embedding(config.num_states + 1, d) if config.prev_state else nn.Identity(),  # + NO_STATE
                 action_emb=nn.Embedding(NUM_ACTIONS + 1, d),  # + NO_ACTION
                 reward_emb=nn.Embedding(3, d),  # 0, 1, NO_REWARD
                 timestep_emb=nn.Embedding(config.max_episode_steps, d),  # position = the env's step in the episode
@@ -469,9 +477,10 @@ class ADTransformer(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def forward(self, states, prev_actions, prev_rewards, timesteps, prev_next_states=None, input_pos=None):
-        """Inputs: LongTensors [B, T] of T consecutive transitions (prev_next_states is read only with
-        config.prev_next_state). Returns action logits [B, T, NUM_ACTIONS]. input_pos: None for a plain causal
+    def forward(self, states, prev_actions, prev_rewards, timesteps, prev_next_states=None, prev_states=None,
+                input_pos=None):
+        """Inputs: LongTensors [B, T] of T consecutive transitions (prev_next_states and prev_states are read only
+        with config.prev_next_state and config.prev_state). Returns action logits [B, T, NUM_ACTIONS]. input_pos: None for a plain causal
         pass, or (with caches set up) the token positions [T * tokens_per_transition] of these transitions in the
         cached context."""
         tr = self.transformer
@@ -482,6 +491,8 @@ class ADTransformer(nn.Module):
         a, r = tr.action_emb(prev_actions), tr.reward_emb(prev_rewards)  # [B, T, d] each
         if self.config.prev_next_state:  # where the rewarded (or any) previous action led; NO_STATE -> the last row
             r = r + tr.next_state_emb(prev_next_states.clamp(max=self.config.num_states))
+        if self.config.prev_state:  # the tried pair (s_{t-1}, a_{t-1}) in one token
+            a = a + tr.prev_state_emb(prev_states.clamp(max=self.config.num_states))
         t = tr.timestep_emb(timesteps)  # [B, T, d]: position = the env's step within the episode
         if self.config.layout == "three":
             x = (torch.stack([a, r, s], dim=2) + t[:, :, None]).flatten(1, 2)  # [B, 3T, d]: ..., a_{t-1}, r_{t-1}, s_t, ...
@@ -527,7 +538,8 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     context = torch.zeros(len(INPUT_KEYS), N, L, dtype=torch.long, device=device)  # the INPUT_KEYS of each transition
     n = 0  # transitions in the context
     state, info = envs.reset()
-    prev_action, prev_reward, prev_next_state = np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE)
+    prev_action, prev_reward, prev_next_state, prev_state = (
+        np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE), np.full(N, NO_STATE))
     if use_cache:
         model.setup_caches(N)
     try:
@@ -536,7 +548,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             if n == L:  # full: keep the most recent half, the new transition included, and re-prefill it
                 context[:, :, : L // 2 - 1] = context[:, :, n - (L // 2 - 1) : n].clone()
                 n, new = L // 2 - 1, 0
-            transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state])  # [5, N]
+            transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state, prev_state])  # [6, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1
             if use_cache:
@@ -553,6 +565,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             trajectory["timesteps"].append(info["timestep"])
             trajectory["actions"].append(action)
             trajectory["logits"].append(logits.cpu().numpy())
+            prev_state = state
             state, reward, terminated, truncated, info = envs.step(action)
             trajectory["rewards"].append(reward)
             trajectory["next_states"].append(info["final_obs"])

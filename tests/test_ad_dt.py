@@ -110,7 +110,8 @@ def stream_inputs(result, rows, columns):
     rows_cols = np.stack([result["states"] // 9, result["states"] % 9], -1) + MOVES[result["actions"]]
     reached = np.clip(rows_cols, 0, 8) @ np.array([9, 1])
     prev_next_states = np.concatenate([np.full((len(reached), 1), ad_dt.NO_STATE), reached[:, :-1]], axis=1)
-    arrays = (result["states"], prev_actions, prev_rewards.astype(np.int64), result["timesteps"], prev_next_states)
+    prev_states = np.concatenate([np.full((len(reached), 1), ad_dt.NO_STATE), result["states"][:, :-1]], axis=1)
+    arrays = (result["states"], prev_actions, prev_rewards.astype(np.int64), result["timesteps"], prev_next_states, prev_states)
     return [torch.as_tensor(a[rows][:, columns].astype(np.int64)) for a in arrays]
 
 
@@ -174,6 +175,9 @@ def test_previous_action_and_reward_cross_episode_boundaries(collection):
     # the next stream starts with no previous transition
     assert data["prev_actions"][n] == ad_dt.NO_ACTION and data["prev_rewards"][n] == ad_dt.NO_REWARD
     assert data["prev_next_states"][0] == data["prev_next_states"][n] == ad_dt.NO_STATE
+    # the state each previous action was taken in, across episode boundaries
+    np.testing.assert_array_equal(data["prev_states"][1:n], h["states"][0, :-1])
+    assert data["prev_states"][0] == data["prev_states"][n] == ad_dt.NO_STATE
 
 
 def test_pace_keeps_every_kth_episode_and_cuts_history(collection):
@@ -232,11 +236,11 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 # evaluation
-@pytest.mark.parametrize("layout, state_embedding, prev_next_state", [("one", "cell", False), ("three", "cell", False),
-                                                                      ("one", "rowcol", True), ("three", "rowcol", True)])
-def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state):
+@pytest.mark.parametrize("layout, state_embedding, prev_next_state, prev_state", [
+    ("one", "cell", False, False), ("three", "cell", False, True), ("one", "rowcol", True, True), ("three", "rowcol", True, False)])
+def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state, prev_state):
     seq_len = 8
-    model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state)
+    model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state, prev_state=prev_state)
     # goals next to the start: the random policy ends episodes early, at different steps in different envs
     goals = [[3, 4], [4, 5], [5, 4], [4, 3], [0, 0]]
     result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3)
