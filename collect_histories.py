@@ -97,10 +97,11 @@ class Args:
     """`noise`: the random-action probability after --noise-episodes"""
     explorer_eps: float = 0.1
     """`explorer`: probability of a random action at each step"""
-    dynaq_q0: float = 1.0
-    """`dynaq`: initial value of every (state, action) pair and value of the pairs never tried (optimism: 1 is the
-    largest return in terminate mode, so a known goal is preferred only to untried pairs farther away; with
-    --no-terminate-on-goal the largest return is 1 / (1 - gamma))"""
+    dynaq_q0: float = 0.5
+    """`dynaq`: initial value of every (state, action) pair and value of the pairs never tried (optimism). Below 1,
+    the largest return in terminate mode, a learner that knows the goal goes there unless an untried pair is a few
+    steps nearer, so it stops exploring soon after its first reward and its learning arc fits in a few hundred
+    steps; 1 makes it try every pair nearer than the goal first"""
     dynaq_gamma: float = 0.9
     """`dynaq`: discount of the planning backups"""
     dynaq_sweeps: int = 20

@@ -844,7 +844,7 @@ def test_dynaq_histories_replay_in_toymeta(tmp_path, capsys, terminate_on_goal):
         arrays, meta = load(path)
         check_dynamics(arrays, meta)
         rewards += arrays["rewards"].sum()
-        assert meta["source"] == "dynaq" and meta["algo"] == {"num_envs": 4, "dynaq_q0": 1.0, "dynaq_gamma": 0.9,
+        assert meta["source"] == "dynaq" and meta["algo"] == {"num_envs": 4, "dynaq_q0": 0.5, "dynaq_gamma": 0.9,
                                                                "dynaq_sweeps": 20, "dynaq_eps": 0.0, "history_len": 1200}
         for stream in range(4):
             env = a2c_darkroom.make_env(9, tuple(meta["goal"]), terminate_on_goal, limit)()
@@ -866,10 +866,10 @@ def test_dynaq_histories_replay_in_toymeta(tmp_path, capsys, terminate_on_goal):
 
 
 def test_dynaq_learns(tmp_path):
-    """From scratch, success is rare in the first episodes and close to certain after about 30 (measured on these
-    goals, a far corner among them: 0.17 in episode 1, 0.39 in episode 11, >= 0.92 from episode 30, 1.0 from 35).
-    Optimism: an untried pair looks as good as the goal, so a stream first tries the pairs nearer than the goal,
-    then goes to the goal every time."""
+    """From scratch, success is rare in the first episodes and certain after about 25 (measured on these goals, a
+    far corner among them, with the default q0 0.5: 0.17 in episode 1, 0.72 in episode 10, 0.74-0.80 in episodes
+    11-14, >= 0.94 from episode 22, 1.0 from 27). Optimism draws a stream to the pairs it has not tried until it
+    finds the goal; then it goes to the goal every time."""
     out = tmp_path / "h"
     args = ["--histories-dir", str(out), "--source", "dynaq", "--num-envs", "50", "--history-len", "40000",
             "--tasks", "0,0", "3,4", "6,2", "2,7"]
@@ -881,8 +881,8 @@ def test_dynaq_learns(tmp_path):
     success = np.array(success)
     assert success.shape == (200, 40)
     assert success[:, :3].mean() < 0.3
-    assert success[:, 10:13].mean() < 0.7
-    assert (success[:, 30:40].mean(0) >= 0.9).all()
+    assert 0.5 < success[:, 10:13].mean() < 0.9
+    assert (success[:, 30:40].mean(0) >= 0.95).all()
 
 
 def test_dynaq_planning_propagates_the_reward():
