@@ -14,6 +14,7 @@ def summary(path):
     methods, source = results["methods"], results["source"]
     ad = methods["ad"]["success_by_episode"]["mean"]
     curve = {name: [round(x, 4) for x in m["success_by_episode"]["mean"]] for name, m in methods.items() if name in ("ad", source)}
+    returns = {name: [round(x, 4) for x in m["return_by_episode"]["mean"]] for name, m in methods.items() if name in ("ad", source)}
     source_curve = methods.get(source, {}).get("success_by_episode", {}).get("mean", [])
     gap = [a - s for a, s in zip(ad, source_curve)]  # results.json's fidelity_to_source (recomputed: older files lack it)
     train = (results["diagnostics"].get("train_goals") or {}).get("methods", {}).get("ad")
@@ -21,7 +22,10 @@ def summary(path):
     return {
         "file": str(path), "source": source, "train_args": results["checkpoint"]["train_args"], "temperature": results["args"].get("temperature", 1.0),
         "success_by_episode": curve,
+        "return_by_episode": returns,  # = success in terminate mode; the paper's measure with --no-terminate-on-goal
         "mean_1_10": round(sum(ad[:10]) / len(ad[:10]), 3),
+        "mean_41_50": round(sum(ad[40:50]) / 10, 3) if len(ad) >= 50 else None,
+        "train_mean_41_50": round(sum(train["success_by_episode"]["mean"][40:50]) / 10, 3) if train and len(ad) >= 50 else None,
         "worst_gap_from_episode_5": round(min(gap[4:]), 3) if len(gap) > 4 else None,
         "exploit_rate": results["diagnostics"]["held_out"]["ad"]["success_after_success"],
         "train_goals_success": [round(x, 4) for x in train["success_by_episode"]["mean"]] if train else None,
@@ -30,7 +34,8 @@ def summary(path):
 
 
 if __name__ == "__main__":
-    paths = [p for p in sys.argv[1:] if p != "--save" and not p.endswith("fidelity_runs.json")]
+    saved = sys.argv.index("--save") + 1 if "--save" in sys.argv else None
+    paths = [p for i, p in enumerate(sys.argv[1:], 1) if p != "--save" and i != saved]
     rows = [summary(p) for p in paths]
     print("| results | source | AD success at ep. " + " / ".join(map(str, EPISODES)) + " | source | mean 1-10 | worst gap from ep. 5 | exploit |")
     print("|---|---|---|---|---|---|---|")

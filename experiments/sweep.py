@@ -23,9 +23,10 @@ import ad_dt  # noqa: E402
 
 @dataclass
 class Args:
-    study: Literal["pace", "levers"] = "pace"
+    study: Literal["pace", "levers", "data"] = "pace"
     """"pace": AD on A2C, fast-A2C and explorer histories at different paces (keep every k-th episode, history
-    length), plotted against how many context windows the source's learning arc spans; "levers": the lever sweep"""
+    length), plotted against how many context windows the source's learning arc spans; "levers": the lever sweep;
+    "data": AD on Dyna-Q histories against streams per goal and the number of training goals, at equal training tokens"""
     only: Tuple[str, ...] = ()
     """run only these configs of the study (names as in the table); default all"""
     jobs: int = 1
@@ -54,6 +55,12 @@ SOURCES = {
     # the AD paper's no-terminate mode: the episode goes on at the goal, and every step there is rewarded
     "histories_a2c_noterm": ["--no-terminate-on-goal", "--total-timesteps", "400000", "--history-len", "400000", "--tasks", "all"],
     "histories_explorer": ["--source", "explorer", "--num-envs", "1000", "--history-len", "128000", "--tasks", "all"],
+    # Dyna-Q, one learner per stream (= one agent per stream), 256 steps each: 500 per goal (reproduce.sh's), 20 per
+    # goal, and 500 per goal on only 15 training goals (the first 15 of the same split: the other 65 are held out)
+    "histories_dynaq": ["--source", "dynaq", "--dynaq-q0", "0.5", "--num-envs", "500", "--history-len", "128000", "--tasks", "all"],
+    "histories_dynaq_s20": ["--source", "dynaq", "--dynaq-q0", "0.5", "--num-envs", "20", "--history-len", "5120", "--tasks", "all"],
+    "histories_dynaq_g15": ["--source", "dynaq", "--dynaq-q0", "0.5", "--num-envs", "500", "--history-len", "128000", "--tasks", "all",
+                            "--num-train-tasks", "15"],
 }
 
 FAST = ["--history-len", "None"]
@@ -78,7 +85,16 @@ LEVERS = {
     "explorer_k1": PACE["explorer_k1"],
     "explorer_prevnext_rowcol": ("histories_explorer", [*FAST, "--keep-every", "1", "--num-updates", "3000", "--prev-next-state", "--state-embedding", "rowcol"]),
 }
-STUDIES = {"pace": PACE, "levers": LEVERS}
+# reproduce.sh's Dyna-Q config on each data set: equal training tokens (2000 updates x 32 windows x 256 transitions),
+# a window is one whole stream
+DYNAQ = [*FAST, "--keep-every", "1", "--seq-len", "256", "--prev-state", "--prev-next-state", "--state-embedding", "rowcol",
+         "--num-updates", "2000"]
+DATA = {
+    "dynaq_g57_s500": ("histories_dynaq", DYNAQ),
+    "dynaq_g57_s20": ("histories_dynaq_s20", DYNAQ),
+    "dynaq_g15_s500": ("histories_dynaq_g15", DYNAQ),
+}
+STUDIES = {"pace": PACE, "levers": LEVERS, "data": DATA}
 
 
 def run_logged(cmd, log):
@@ -147,6 +163,7 @@ def summarize(study, configs, args):
         r = json.loads(path.read_text())
         ad = r["methods"]["ad"]["success_by_episode"]["mean"]
         diag, train = r["diagnostics"]["held_out"]["ad"], r["diagnostics"]["train_goals"]["diagnostics"]["ad"]
+        train_curve = r["diagnostics"]["train_goals"]["methods"]["ad"]["success_by_episode"]["mean"]
         train_args = r["checkpoint"]["train_args"]
         if histories not in histories_cache:
             histories_cache[histories] = ad_dt.load_histories(ROOT / histories)[1]
@@ -162,6 +179,10 @@ def summarize(study, configs, args):
             "arc_transitions": arc, "arc_windows": arc / train_args["seq_len"], "keep_every": train_args["keep_every"],
             "history_len": train_args["history_len"], "episodes": len(ad), "device": "cuda" if train_args.get("cuda") else "cpu",
             "random_11_20": r["diagnostics"]["held_out"]["random"]["success_episodes_11_20"],
+            "success_41_50": float(np.mean(ad[40:50])) if len(ad) >= 50 else None,
+            "train_success_41_50": float(np.mean(train_curve[40:50])) if len(train_curve) >= 50 else None,
+            "train_goals": len(histories_cache[histories]), "streams_per_goal": int(histories_cache[histories][0]["states"].shape[0]),
+            "held_out_goals": r["methods"]["ad"]["runs"] // args.eval_seeds,
         })
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     episodes = (1, 5, 10, 20, 50, 100, 200)
@@ -175,6 +196,14 @@ def summarize(study, configs, args):
             f"| {row['config']} | {by_episode} | {fmt(row['success_11_20'])} | {fmt(row['success_last_50'])} | {fmt(row['exploit'])} | "
             f"{fmt(row['train_success_11_20'])} / {fmt(row['train_exploit'])} | {fmt(row['loss_heldout'])} / {fmt(row['loss_train'])} | {row['arc_windows']:.1f} |"
         )
+    if study == "data":  # memorisation shows as training goals above held-out ones
+        lines = ["| config | training goals x streams per goal | held-out goals | 11-20 held-out / training | 41-50 held-out / training | "
+                 "exploit held-out / training | loss held-out / train |", "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            lines.append(f"| {row['config']} | {row['train_goals']} x {row['streams_per_goal']} | {row['held_out_goals']} | "
+                         f"{fmt(row['success_11_20'])} / {fmt(row['train_success_11_20'])} | {fmt(row['success_41_50'])} / "
+                         f"{fmt(row['train_success_41_50'])} | {fmt(row['exploit'])} / {fmt(row['train_exploit'])} | "
+                         f"{fmt(row['loss_heldout'])} / {fmt(row['loss_train'])} |")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{study}.md").write_text("\n".join(lines) + "\n")
@@ -182,6 +211,32 @@ def summarize(study, configs, args):
     print("\n".join(lines))
     if study == "pace" and rows:
         plot_pace(rows, out / "pace_study.png")
+    if study == "data" and rows:
+        plot_data(rows, out / "data_study.png")
+
+
+def plot_data(rows, path):
+    """One panel per config: AD's success by episode on the held-out goals (solid) and on the training goals
+    (dashed). Where the dashed curve runs above the solid one, the model remembers goals instead of finding them."""
+    fig = Figure(figsize=(4.3 * len(rows), 3.8))
+    for i, r in enumerate(rows):
+        ax = fig.add_subplot(1, len(rows), i + 1)
+        results = json.loads((path.parent / r["config"] / "results.json").read_text())
+        held_out = results["methods"]["ad"]["success_by_episode"]["mean"]
+        train = results["diagnostics"]["train_goals"]["methods"]["ad"]["success_by_episode"]["mean"]
+        episodes = np.arange(1, len(held_out) + 1)
+        ax.plot(episodes, held_out, "-", color="tab:blue", label="held-out goals")
+        ax.plot(episodes, train, "--", color="tab:red", label="training goals")
+        ax.axhline(r["random_11_20"], color="grey", ls=":", lw=1, label="random policy")
+        ax.set(title=f"{r['train_goals']} training goals x {r['streams_per_goal']} streams", xlabel="episode in context",
+               ylabel="success rate" if i == 0 else None, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 def plot_pace(rows, path):

@@ -66,3 +66,81 @@ def test_curves_summary_reports_the_fidelity_gap_and_the_early_mean(tmp_path):
     assert row["mean_1_10"] == pytest.approx(np.mean(ad[:10]))
     assert row["worst_gap_from_episode_5"] == pytest.approx(-0.2)  # episode 5: 0.8 - 1.0; episodes 1-4 do not count
     assert set(row["success_by_episode"]) == {"ad", "explorer"}
+
+
+def test_data_study_puts_held_out_and_training_goals_side_by_side(tmp_path, monkeypatch):
+    import json
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_ad_dt import write_collection
+
+    monkeypatch.setattr(sweep, "ROOT", tmp_path)
+    write_collection(tmp_path / "few", train_goals=[[0, 0]], num_streams=3, steps=40)
+    write_collection(tmp_path / "many", train_goals=[[0, 0], [8, 8]], num_streams=1, steps=40)
+    # a model that memorised its goals (training above held-out) and one that did not; 4 seeds per goal
+    curves = {"memorised": ([0.1] * 50, [0.9] * 50, 1), "general": ([0.2] * 10 + [0.8] * 40, [0.2] * 10 + [0.85] * 40, 2)}
+    for name, (held_out, train, goals) in curves.items():
+        diag = {"success_episodes_11_20": float(np.mean(held_out[10:20])), "success_after_success": 0.5}
+        train_diag = {"success_episodes_11_20": float(np.mean(train[10:20])), "success_after_success": 0.95}
+        results = {"checkpoint": {"train_args": {"history_len": None, "keep_every": 1, "seq_len": 16}},
+                   "methods": {"ad": {"success_by_episode": {"mean": held_out}, "runs": 4 * 3}},
+                   "diagnostics": {"held_out": {"ad": diag, "random": {"success_episodes_11_20": 0.17}},
+                                   "train_goals": {"diagnostics": {"ad": train_diag}, "methods": {"ad": {"success_by_episode": {"mean": train}}}},
+                                   "teacher_forced_loss": {"held_out": 0.9, "train": 0.3}}}
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / "results.json").write_text(json.dumps(results))
+    configs = {"memorised": ("few", []), "general": ("many", []), "not_run": ("many", [])}
+    sweep.summarize("data", configs, sweep.Args(out_dir=str(tmp_path / "out"), eval_seeds=4))
+    rows = {row["config"]: row for row in json.loads((tmp_path / "out" / "data.json").read_text())}
+    assert set(rows) == {"memorised", "general"}  # a config without results is left out
+    assert (rows["memorised"]["train_goals"], rows["memorised"]["streams_per_goal"]) == (1, 3)
+    assert (rows["general"]["train_goals"], rows["general"]["streams_per_goal"]) == (2, 1)
+    assert rows["memorised"]["success_41_50"] == pytest.approx(0.1) and rows["memorised"]["train_success_41_50"] == pytest.approx(0.9)
+    assert rows["general"]["success_11_20"] == pytest.approx(0.8) and rows["general"]["train_success_41_50"] == pytest.approx(0.85)
+    assert rows["general"]["held_out_goals"] == 3
+    table = (tmp_path / "out" / "data.md").read_text()
+    assert "| memorised | 1 x 3 | 3 | 0.10 / 0.90 | 0.10 / 0.90 | 0.50 / 0.95 | 0.90 / 0.30 |" in table
+    assert (tmp_path / "out" / "data_study.png").stat().st_size > 10_000
+
+
+def dynaq_history(goal, num_streams, steps, eps, seed=0):
+    """A Dyna-Q history in the layout the loaders return (arrays [streams, steps] and its "meta"), written by the
+    batched learner in the numpy DarkRoom, as collect_histories.py writes one."""
+    import collect_histories as ch
+
+    envs = ch.DarkRoomVectorEnv(np.array([goal] * num_streams), 9, True, 20)
+    learner = ch.DynaQLearner(num_streams, 81, [np.random.default_rng(seed)], 0.5, 0.9, 20, eps)
+    keys = ("states", "actions", "rewards", "next_states", "terminated", "truncated")
+    h = {key: [] for key in keys}
+    state, _ = envs.reset()
+    for _ in range(steps):
+        action = learner.act(state)
+        next_state, reward, terminated, truncated, info = envs.step(action)
+        learner.observe(info["final_obs"], reward, terminated, terminated | truncated)
+        for key, value in zip(keys, (state, action, reward, info["final_obs"], terminated, truncated)):
+            h[key].append(value)
+        state = next_state
+    h = {key: np.stack(value, 1) for key, value in h.items()}
+    algo = {"dynaq_q0": 0.5, "dynaq_gamma": 0.9, "dynaq_sweeps": 20, "dynaq_eps": eps}
+    return {**h, "meta": {"source": "dynaq", "goal": goal, "algo": algo, "env": {"size": 9}}}
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_entropy_floor_replays_the_learner_that_wrote_the_history(eps):
+    import entropy_floor
+
+    h = dynaq_history([1, 2], num_streams=6, steps=150, eps=eps)
+    assert h["rewards"].any()
+    entropy = entropy_floor.action_entropy(h)
+    # at a stream's first step every pair is untried: all 5 actions tie, whatever eps
+    np.testing.assert_allclose(entropy[:, 0], np.log(5))
+    # one best action: (1 - eps) + eps / 5 on it, eps / 5 on each of the other 4
+    p, q = 1 - eps + eps / 5, eps / 5
+    single = -(p * np.log(p) + (4 * q * np.log(q) if q else 0.0))
+    assert np.isclose(entropy, single).mean() > 0.3  # once a goal is known, most steps have one best action
+    assert (entropy >= single - 1e-9).all() and (entropy <= np.log(5) + 1e-9).all()
+    if eps == 0:  # a history the learner could not have written is refused
+        t = np.flatnonzero(entropy[2] == 0)[0]  # a step with one best action: any other is off-policy
+        h["actions"][2, t] = (h["actions"][2, t] + 1) % 5
+        with pytest.raises(SystemExit, match="not one of the replayed learner's best"):
+            entropy_floor.action_entropy(h)
