@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole Algorithm Distillation pipeline with the CPU defaults, for two sources side by side:
+# The whole Algorithm Distillation pipeline with the CPU defaults, for three sources side by side:
+#   Dyna-Q (a learning source)  : histories_dynaq/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
 #   A2C (the original design's) : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/
 #   explorer (scripted source)  : histories_explorer/  -> runs/ad_explorer__*/ -> results/ad_explorer/
 # Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
@@ -33,15 +34,20 @@ ad_and_eval() {
   echo "$exp: checkpoint $checkpoint, results in results/$exp/"
 }
 
-stage "1/6 A2C learning histories of the 57 training tasks -> histories/train/"
+stage "1/8 Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories_dynaq/"
+"$PYTHON" collect_histories.py --source dynaq --num-envs 500 --history-len 128000 --tasks all --histories-dir histories_dynaq
+stage "2/8 AD on the Dyna-Q histories (a window = a whole stream; each token shows the pair tried) + evaluation"
+ad_and_eval ad_dynaq histories_dynaq --seq-len 256 --keep-every 1 --history-len None --prev-state --prev-next-state \
+  --state-embedding rowcol --num-updates 3000 --eval-every 1500
+stage "3/8 A2C learning histories of the 57 training tasks -> histories/train/"
 "$PYTHON" collect_histories.py --tasks train
-stage "2/6 A2C histories of the 23 held-out tasks (the from-scratch baseline) -> histories/test/"
+stage "4/8 A2C histories of the 23 held-out tasks (the from-scratch baseline) -> histories/test/"
 "$PYTHON" collect_histories.py --tasks test
-stage "3/6 explorer histories: 1000 short learners per task -> histories_explorer/"
+stage "5/8 explorer histories: 1000 short learners per task -> histories_explorer/"
 "$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all --histories-dir histories_explorer
-stage "4/6 AD on the A2C histories (ad_dt.py defaults) + evaluation"
-ad_and_eval ad_a2c histories
-stage "5/6 AD on the explorer histories + evaluation"
-ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --num-updates 6000
-stage "6/6 done in ${SECONDS}s"
-echo "plots, tables (results.json) and videos: results/ad_a2c/ and results/ad_explorer/; curves: tensorboard --logdir runs"
+stage "6/8 AD on the A2C histories (ad_dt.py's defaults; evaluated in training every 2500 updates) + evaluation"
+ad_and_eval ad_a2c histories --eval-every 2500
+stage "7/8 AD on the explorer histories + evaluation"
+ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --num-updates 3000 --eval-every 1500
+stage "8/8 done in ${SECONDS}s"
+echo "plots, tables (results.json) and videos: results/ad_dynaq/, results/ad_a2c/ and results/ad_explorer/; curves: tensorboard --logdir runs"
