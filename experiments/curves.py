@@ -14,7 +14,8 @@ def summary(path):
     methods, source = results["methods"], results["source"]
     ad = methods["ad"]["success_by_episode"]["mean"]
     curve = {name: [round(x, 4) for x in m["success_by_episode"]["mean"]] for name, m in methods.items() if name in ("ad", source)}
-    returns = {name: [round(x, 4) for x in m["return_by_episode"]["mean"]] for name, m in methods.items() if name in ("ad", source)}
+    returns = {name: [round(x, 4) for x in m["return_by_episode"]["mean"]] for name, m in methods.items()
+               if name in ("ad", source) and "return_by_episode" in m}
     source_curve = methods.get(source, {}).get("success_by_episode", {}).get("mean", [])
     gap = [a - s for a, s in zip(ad, source_curve)]  # results.json's fidelity_to_source (recomputed: older files lack it)
     train = (results["diagnostics"].get("train_goals") or {}).get("methods", {}).get("ad")
