@@ -137,7 +137,7 @@ FORMAT_VERSION = 1  # of the history files (see README.md, "History format")
 NUM_ACTIONS = 5  # 0 noop, 1 up, 2 right, 3 down, 4 left
 NO_ACTION = NUM_ACTIONS  # "no previous transition": start of a stream, or an empty context
 NO_REWARD = 2  # rewards are 0/1; index 2 = no previous transition
-NO_STATE = 255  # no previous transition, in prev_next_states (uint8); the model maps it to its own embedding row
+NO_STATE = 255  # no previous transition, in prev_next_states and prev_states (uint8); the model maps it to its own embedding row
 HISTORY_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
 INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states")  # model inputs, in forward's order
 
