@@ -34,20 +34,19 @@ ad_and_eval() {
   echo "$exp: checkpoint $checkpoint, results in results/$exp/"
 }
 
-stage "1/8 Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories_dynaq/"
+stage "1/7 Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories_dynaq/"
 "$PYTHON" collect_histories.py --source dynaq --num-envs 500 --history-len 128000 --tasks all --histories-dir histories_dynaq
-stage "2/8 AD on the Dyna-Q histories (a window = a whole stream; each token shows the pair tried) + evaluation"
+stage "2/7 AD on the Dyna-Q histories (a window = a whole stream; each token shows the pair tried) + evaluation"
 ad_and_eval ad_dynaq histories_dynaq --seq-len 256 --keep-every 1 --history-len None --prev-state --prev-next-state \
   --state-embedding rowcol --num-updates 3000 --eval-every 1500
-stage "3/8 A2C learning histories of the 57 training tasks -> histories/train/"
-"$PYTHON" collect_histories.py --tasks train
-stage "4/8 A2C histories of the 23 held-out tasks (the from-scratch baseline) -> histories/test/"
-"$PYTHON" collect_histories.py --tasks test
-stage "5/8 explorer histories: 1000 short learners per task -> histories_explorer/"
+stage "3/7 A2C learning histories of all 80 tasks, trained as far as the histories keep (800k env steps) -> histories/"
+# the original design trains 2.5M steps but keeps the first 800k; the steps after them change no history (tested)
+"$PYTHON" collect_histories.py --tasks all --total-timesteps 800000
+stage "4/7 explorer histories: 1000 short learners per task -> histories_explorer/"
 "$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all --histories-dir histories_explorer
-stage "6/8 AD on the A2C histories (ad_dt.py's defaults; evaluated in training every 2500 updates) + evaluation"
-ad_and_eval ad_a2c histories --eval-every 2500
-stage "7/8 AD on the explorer histories + evaluation"
+stage "5/7 AD on the A2C histories (ad_dt.py's defaults but 2000 updates: 4x more did not help it, experiments/README.md) + evaluation"
+ad_and_eval ad_a2c histories --num-updates 2000 --eval-every 1000
+stage "6/7 AD on the explorer histories + evaluation"
 ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --num-updates 3000 --eval-every 1500
-stage "8/8 done in ${SECONDS}s"
+stage "7/7 done in ${SECONDS}s"
 echo "plots, tables (results.json) and videos: results/ad_dynaq/, results/ad_a2c/ and results/ad_explorer/; curves: tensorboard --logdir runs"

@@ -49,7 +49,8 @@ class Args:
 
 # sources: histories directory -> collect_histories.py flags (train and held-out tasks)
 SOURCES = {
-    "histories": ["--tasks", "all"],  # the original design's A2C: 10 envs per agent, lr 1e-4, 2.5M steps (reproduce.sh's)
+    # the original design's A2C: 10 envs per agent, lr 1e-4 (reproduce.sh's); trained only as far as the 800k steps kept
+    "histories": ["--tasks", "all", "--total-timesteps", "800000"],
     # fast A2C: one env per agent, so one stream holds everything the agent learned from; lr 3e-3
     "histories_a2c_fast": ["--num-envs", "1", "--learning-rate", "3e-3", "--total-timesteps", "20000", "--history-len", "20000", "--tasks", "all"],
     # the AD paper's no-terminate mode: the episode goes on at the goal, and every step there is rewarded

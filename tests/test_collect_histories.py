@@ -365,6 +365,18 @@ def test_history_does_not_depend_on_the_other_tasks(tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_training_past_the_history_does_not_change_it(tmp_path):
+    """reproduce.sh trains A2C only as long as its histories keep (--total-timesteps = --history-len): the
+    steps after the history only extend the learning-curve plot, so the kept transitions are the same."""
+    short = [a if a != "400" else "300" for a in TINY]  # --total-timesteps 300 = --history-len
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "a"), "--tasks", "0,1", *TINY) == 0
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "b"), "--tasks", "0,1", *short) == 0
+    (a, meta_a), (b, meta_b) = [load(glob.glob(str(tmp_path / d / "*" / "goal_0_1.npz"))[0]) for d in "ab"]
+    assert (meta_a["total_timesteps"], meta_b["total_timesteps"]) == (400, 300)
+    for key in ch.HISTORY_KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_resume_skips_done_tasks_and_overwrite_redoes_them(tmp_path, capsys):
     out = tmp_path / "h"
     base = ["--histories-dir", str(out), *TINY]
