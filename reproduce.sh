@@ -46,7 +46,7 @@ stage "4/7 explorer histories: 1000 short learners per task -> histories_explore
 "$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all --histories-dir histories_explorer
 stage "5/7 AD on the A2C histories (ad_dt.py's defaults but 2000 updates: 4x more did not help it, experiments/README.md) + evaluation"
 ad_and_eval ad_a2c histories --num-updates 2000 --eval-every 1000
-stage "6/7 AD on the explorer histories + evaluation"
-ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --num-updates 3000 --eval-every 1500
+stage "6/7 AD on the explorer histories (each token shows the pair tried, as for Dyna-Q) + evaluation"
+ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --prev-state --num-updates 3000 --eval-every 1500
 stage "7/7 done in ${SECONDS}s"
 echo "plots, tables (results.json) and videos: results/ad_dynaq/, results/ad_a2c/ and results/ad_explorer/; curves: tensorboard --logdir runs"
