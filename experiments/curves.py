@@ -1,6 +1,7 @@
 # Compare eval_ad.py results side by side: AD's held-out success by episode against its source's from scratch (the
 # fidelity of the imitation), on the held-out and the training goals. Docs: experiments/README.md
 #   .venv/bin/python experiments/curves.py results/*/results.json [--save experiments/fidelity_runs.json]
+# --save adds these files' rows to the JSON file, replacing older rows of the same files and keeping the rest
 import json
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ if __name__ == "__main__":
         fmt = lambda c: " / ".join(f"{c[e - 1]:.2f}" if e <= len(c) else "-" for e in EPISODES)  # noqa: E731
         print(f"| {r['file']} | {r['source']} | {fmt(ad)} | {fmt(src)} | {r['mean_1_10']:.2f} | {r['worst_gap_from_episode_5']} | {r['exploit_rate']:.2f} |")
     if "--save" in sys.argv:
-        out = Path(sys.argv[sys.argv.index("--save") + 1])
-        out.write_text(json.dumps(rows, indent=1))
+        out = Path(sys.argv[saved])
+        kept = [r for r in (json.loads(out.read_text()) if out.exists() else []) if r["file"] not in paths]
+        out.write_text(json.dumps(kept + rows, indent=1))
         print(f"saved {out}")

@@ -1,4 +1,5 @@
 """Tests of experiments/sweep.py: the learning-arc measure of the pace study, and that every config names a known source."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,6 +67,14 @@ def test_curves_summary_reports_the_fidelity_gap_and_the_early_mean(tmp_path):
     assert row["mean_1_10"] == pytest.approx(np.mean(ad[:10]))
     assert row["worst_gap_from_episode_5"] == pytest.approx(-0.2)  # episode 5: 0.8 - 1.0; episodes 1-4 do not count
     assert set(row["success_by_episode"]) == {"ad", "explorer"}
+    # --save merges: a file's row is replaced, the other files' rows are kept
+    saved = tmp_path / "runs.json"
+    saved.write_text(json.dumps([{"file": "other.json"}, {"file": str(path), "mean_1_10": -1}]))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "curves.py"), str(path), "--save", str(saved)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(saved.read_text())
+    assert [r["file"] for r in rows] == ["other.json", str(path)] and rows[1]["mean_1_10"] == row["mean_1_10"]
 
 
 def test_data_study_puts_held_out_and_training_goals_side_by_side(tmp_path, monkeypatch):
