@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole Algorithm Distillation pipeline with the CPU defaults, for three sources side by side:
+# The whole Algorithm Distillation pipeline with the CPU defaults, for the sources side by side:
 #   Dyna-Q (a learning source)  : histories_dynaq/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
-#   A2C (the original design's) : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/
 #   explorer (scripted source)  : histories_explorer/  -> runs/ad_explorer__*/ -> results/ad_explorer/
+#   A2C (the original design's) : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/  (WITH_A2C=1 only)
+# `bash reproduce.sh` runs the first two (about 40 minutes on 2 CPU cores); `WITH_A2C=1 bash reproduce.sh` adds A2C
+# (about 12 minutes more), the source AD does not learn to learn from (README.md, Results).
 # Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
 # and an evaluation newer than its checkpoint is kept.
 set -euo pipefail
@@ -34,19 +36,23 @@ ad_and_eval() {
   echo "$exp: checkpoint $checkpoint, results in results/$exp/"
 }
 
-stage "1/7 Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories_dynaq/"
+WITH_A2C=${WITH_A2C:-0}
+N=$([ "$WITH_A2C" = 1 ] && echo 6 || echo 4)  # stages
+stage "1/$N Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories_dynaq/"
 "$PYTHON" collect_histories.py --source dynaq --num-envs 500 --history-len 128000 --tasks all --histories-dir histories_dynaq
-stage "2/7 AD on the Dyna-Q histories (a window = a whole stream; each token shows the pair tried) + evaluation"
+stage "2/$N AD on the Dyna-Q histories (a window = a whole stream; each token shows the pair tried) + evaluation"
 ad_and_eval ad_dynaq histories_dynaq --seq-len 256 --keep-every 1 --history-len None --prev-state --prev-next-state \
   --state-embedding rowcol --num-updates 3000 --eval-every 1500
-stage "3/7 A2C learning histories of all 80 tasks, trained as far as the histories keep (800k env steps) -> histories/"
-# the original design trains 2.5M steps but keeps the first 800k; the steps after them change no history (tested)
-"$PYTHON" collect_histories.py --tasks all --total-timesteps 800000
-stage "4/7 explorer histories: 1000 short learners per task -> histories_explorer/"
+stage "3/$N explorer histories: 1000 short learners per task -> histories_explorer/"
 "$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all --histories-dir histories_explorer
-stage "5/7 AD on the A2C histories (ad_dt.py's defaults but 2000 updates: 4x more did not help it, experiments/README.md) + evaluation"
-ad_and_eval ad_a2c histories --num-updates 2000 --eval-every 1000
-stage "6/7 AD on the explorer histories (each token shows the pair tried, as for Dyna-Q) + evaluation"
+stage "4/$N AD on the explorer histories (each token shows the pair tried, as for Dyna-Q) + evaluation"
 ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --prev-state --num-updates 3000 --eval-every 1500
-stage "7/7 done in ${SECONDS}s"
-echo "plots, tables (results.json) and videos: results/ad_dynaq/, results/ad_a2c/ and results/ad_explorer/; curves: tensorboard --logdir runs"
+if [ "$WITH_A2C" = 1 ]; then
+  stage "5/$N A2C learning histories of all 80 tasks, trained as far as the histories keep (800k env steps) -> histories/"
+  # the original design trains 2.5M steps but keeps the first 800k; the steps after them change no history (tested)
+  "$PYTHON" collect_histories.py --tasks all --total-timesteps 800000
+  stage "6/$N AD on the A2C histories (ad_dt.py's defaults but 2000 updates: 4x more did not help it, experiments/README.md) + evaluation"
+  ad_and_eval ad_a2c histories --num-updates 2000 --eval-every 1000
+fi
+echo; echo "== done in ${SECONDS}s"
+echo "plots, tables (results.json) and videos: results/ad_dynaq/, results/ad_explorer/ (and results/ad_a2c/); curves: tensorboard --logdir runs"
