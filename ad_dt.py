@@ -480,9 +480,9 @@ class ADTransformer(nn.Module):
     def forward(self, states, prev_actions, prev_rewards, timesteps, prev_next_states=None, prev_states=None,
                 input_pos=None):
         """Inputs: LongTensors [B, T] of T consecutive transitions (prev_next_states and prev_states are read only
-        with config.prev_next_state and config.prev_state). Returns action logits [B, T, NUM_ACTIONS]. input_pos: None for a plain causal
-        pass, or (with caches set up) the token positions [T * tokens_per_transition] of these transitions in the
-        cached context."""
+        with config.prev_next_state and config.prev_state). Returns action logits [B, T, NUM_ACTIONS].
+        input_pos: None for a plain causal pass, or (with caches set up) the token positions
+        [T * tokens_per_transition] of these transitions in the cached context."""
         tr = self.transformer
         if self.config.state_embedding == "rowcol":
             s = tr.state_emb["row"](states // self.room_size) + tr.state_emb["col"](states % self.room_size)
