@@ -181,7 +181,8 @@ def read_tasks(root):
         env, cells = tasks["env"], [tuple(goal) for part in ("train", "test") for goal in tasks[part]]
         size, steps = env["size"], env["max_episode_steps"]
         valid = (isinstance(size, int) and 3 <= size <= 16 and isinstance(steps, int) and 1 <= steps <= 256
-                 and isinstance(env["terminate_on_goal"], bool) and len(set(cells)) == len(cells)
+                 and isinstance(env["terminate_on_goal"], bool) and isinstance(env.get("random_start", False), bool)
+                 and len(set(cells)) == len(cells)
                  and all(len(cell) == 2 and all(isinstance(x, int) and 0 <= x < size for x in cell) for cell in cells))
     except Exception as e:  # not JSON, not an object, a key missing, a value of the wrong type
         raise SystemExit(f"error: {path} is not a valid tasks.json ({type(e).__name__}: {e}): collect again, or restore it")
@@ -509,6 +510,13 @@ class ADTransformer(nn.Module):
         return self.action_head(x[:, k - 1 :: k])  # from each transition's last token (the state's)
 
 
+def make_envs(goals, env, seed=0):
+    """The batched rooms of `env` (tasks.json's: size, terminate_on_goal, max_episode_steps, and random_start where the
+    histories have random starts, drawn here from `seed`); env i has goal goals[i]."""
+    start_rngs = [np.random.default_rng(seed)] if env.get("random_start", False) else None
+    return DarkRoomVectorEnv(goals, env["size"], env["terminate_on_goal"], env["max_episode_steps"], start_rngs)
+
+
 # in-context evaluation: many goals at once, from an empty context, with the KV cache
 @torch.no_grad()
 def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False, seed=0, use_cache=True, temperature=1.0):
@@ -518,7 +526,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     window instead: same logits, for benchmarks and tests). When the context holds seq_len transitions,
     it drops to its most recent seq_len // 2 (the new one included) and those are re-prefilled, so every
     action's logits are those of a plain forward pass over exactly the transitions in the context.
-    env: dict(size, terminate_on_goal, max_episode_steps). Env i has goal goals[i // num_seeds]. Actions are sampled
+    env: tasks.json's env (see make_envs). Env i has goal goals[i // num_seeds]. Actions are sampled
     from softmax(logits / temperature), or the argmax with greedy.
     Returns numpy arrays: returns, successes, lengths [envs, num_episodes]; the trajectory states, actions,
     rewards, next_states (where each action led, before any reset), timesteps [envs, steps] and logits
@@ -530,7 +538,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     k = model.config.tokens_per_transition
     goals = np.repeat(np.asarray(goals, dtype=np.int64).reshape(-1, 2), num_seeds, axis=0)
     N = len(goals)
-    envs = DarkRoomVectorEnv(goals, env["size"], env["terminate_on_goal"], env["max_episode_steps"])
+    envs = make_envs(goals, env, seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     returns, lengths = np.zeros((N, num_episodes), np.float32), np.zeros((N, num_episodes), np.int64)
     episode = np.zeros(N, dtype=np.int64)  # episodes finished by each env

@@ -25,7 +25,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -70,6 +70,9 @@ class Args:
     """end the episode when the goal is reached (the seed's choice); False = the AD paper's variant"""
     max_episode_steps: int = 20
     """time limit of an episode (truncation)"""
+    random_start: bool = False
+    """if toggled, every episode starts in a uniformly random cell (toymeta's `random_start=True`; it can be the goal)
+    instead of the centre: more distinct tasks, (start, goal) pairs, for the data study. Off = the seed's fixed start"""
 
     # Tasks and histories
     histories_dir: str = "histories"
@@ -276,7 +279,12 @@ def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]]
 
 
 class DarkRoomVectorEnv(gym.vector.VectorEnv):
-    """toymeta's `DarkRoom(random_start=False)` + `TimeLimit` for many envs (each with its own goal) in numpy.
+    """toymeta's `DarkRoom` + `TimeLimit` for many envs (each with its own goal) in numpy.
+
+    Episodes start in the centre (`random_start=False`), or, given `start_rngs`, in a uniformly random cell drawn
+    as toymeta draws it (a (row, col) pair of integers): the envs are split into len(start_rngs) equal blocks, and
+    each block's generator draws, in env order, the starts of its envs that reset. An env alone in its block with
+    `np.random.default_rng(seed)` starts where toymeta's env does after `reset(seed=seed)`.
 
     Same states, rewards, terminations and truncations as the toymeta env wrapped in `TimeLimit`, as a
     `SyncVectorEnv` in SAME_STEP autoreset mode shows them: an env whose episode ended is reset in the same
@@ -288,9 +296,13 @@ class DarkRoomVectorEnv(gym.vector.VectorEnv):
 
     metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
 
-    def __init__(self, goals: np.ndarray, size: int = 9, terminate_on_goal: bool = True, max_episode_steps: int = 20):
+    def __init__(self, goals: np.ndarray, size: int = 9, terminate_on_goal: bool = True, max_episode_steps: int = 20,
+                 start_rngs: Optional[Sequence[np.random.Generator]] = None):
         goals = np.asarray(goals, dtype=np.int64).reshape(-1, 2)
         self.num_envs = len(goals)
+        self.start_rngs = start_rngs
+        if start_rngs is not None and (not start_rngs or self.num_envs % len(start_rngs)):
+            raise ValueError(f"{len(start_rngs)} start generators cannot split {self.num_envs} envs into equal blocks")
         self.size, self.terminate_on_goal, self.max_episode_steps = size, terminate_on_goal, max_episode_steps
         self.single_observation_space = gym.spaces.Discrete(size * size)
         self.single_action_space = gym.spaces.Discrete(NUM_ACTIONS)
@@ -304,12 +316,25 @@ class DarkRoomVectorEnv(gym.vector.VectorEnv):
         self.transitions = np.stack(
             [np.clip(row + dr, 0, size - 1) * size + np.clip(col + dc, 0, size - 1) for dr, dc in moves], axis=1
         )  # (num_states, num_actions)
-        self.state = np.full(self.num_envs, self.start_state, dtype=np.int64)
+        self.state = np.full(self.num_envs, self.start_state, dtype=np.int64)  # until reset() draws the starts
         self.timestep = np.zeros(self.num_envs, dtype=np.int64)
 
+    def starts(self, resetting: np.ndarray) -> np.ndarray:
+        """The start cell of every env (used where `resetting`): the centre, or a random cell from the env's block's generator."""
+        if self.start_rngs is None:
+            return np.full(self.num_envs, self.start_state, dtype=np.int64)
+        start = np.zeros(self.num_envs, dtype=np.int64)
+        block = self.num_envs // len(self.start_rngs)
+        for b, rng in enumerate(self.start_rngs):
+            envs = b * block + np.flatnonzero(resetting[b * block:(b + 1) * block])
+            if envs.size:  # draws depend on this block only, so a history does not depend on the tasks beside it
+                row, col = rng.integers(0, self.size, size=(envs.size, 2)).T
+                start[envs] = row * self.size + col
+        return start
+
     def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed, options=options)  # the dynamics are deterministic: the seed changes nothing
-        self.state = np.full(self.num_envs, self.start_state, dtype=np.int64)
+        super().reset(seed=seed, options=options)  # the starts come from start_rngs: the seed changes nothing
+        self.state = self.starts(np.ones(self.num_envs, dtype=bool))
         self.timestep = np.zeros(self.num_envs, dtype=np.int64)
         return self.state, {"timestep": self.timestep}
 
@@ -320,7 +345,7 @@ class DarkRoomVectorEnv(gym.vector.VectorEnv):
         truncated = self.timestep >= self.max_episode_steps - 1
         ended = terminated | truncated
         # fresh arrays every step, so the arrays handed out are never changed afterwards
-        self.state = np.where(ended, self.start_state, next_state)
+        self.state = np.where(ended, self.starts(ended), next_state)
         self.timestep = np.where(ended, 0, self.timestep + 1)
         infos = {"final_obs": next_state, "_final_obs": ended, "timestep": self.timestep}
         return self.state, at_goal.astype(np.float32), terminated, truncated, infos
@@ -346,6 +371,7 @@ class ScriptedLearner:
         row, col = np.divmod(np.arange(num_states), size)
         self.rowcol = np.stack([row, col], axis=1)  # (S, 2)
         self.distance = np.abs(row[:, None] - row[None]) + np.abs(col[:, None] - col[None])  # (S, S) steps apart
+        # the cells stepped onto (a start cell is not: only a step onto the goal is rewarded); the centre is never a goal
         self.visited = np.zeros((num_envs, num_states), dtype=bool)
         self.visited[:, (size // 2) * size + size // 2] = True
         self.known_goal = np.full(num_envs, -1)  # the cell where reward was found, -1 while unknown
@@ -570,11 +596,12 @@ def a2c_update(agent: BatchedAgent, optimizer: optim.Optimizer, logits, values, 
     return pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), grad_norm
 
 
-def agent_seeds(seed: int, goal: Tuple[int, int], size: int) -> Tuple[int, np.random.Generator]:
-    """The torch seed (weights) and numpy generator (actions) of the agent of `goal`: they depend on
-    --seed and the goal only, so a history does not change with the other tasks collected beside it."""
-    torch_seq, numpy_seq = np.random.SeedSequence([seed, goal[0] * size + goal[1]]).spawn(2)
-    return int(torch_seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)), np.random.default_rng(numpy_seq)
+def agent_seeds(seed: int, goal: Tuple[int, int], size: int) -> Tuple[int, np.random.Generator, np.random.Generator]:
+    """The torch seed (weights) and numpy generators (actions; random starts of its envs) of the agent of `goal`: they
+    depend on --seed and the goal only, so a history does not change with the other tasks collected beside it."""
+    torch_seq, numpy_seq, start_seq = np.random.SeedSequence([seed, goal[0] * size + goal[1]]).spawn(3)
+    return (int(torch_seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)), np.random.default_rng(numpy_seq),
+            np.random.default_rng(start_seq))
 
 
 def history_path(histories_dir: str, goal: Tuple[int, int], split: str) -> str:
@@ -654,7 +681,9 @@ def directory_config(args: Args, split: Dict[str, List[Tuple[int, int]]]) -> dic
         "split_seed": args.split_seed,
         "train": [list(goal) for goal in split["train"]],
         "test": [list(goal) for goal in split["test"]],
-        "env": {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps},
+        # random_start is written only when on, so the directories of the fixed start keep their tasks.json
+        "env": {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps,
+                **({"random_start": True} if args.random_start else {})},
         "num_train_tasks": args.num_train_tasks,
         "source": args.source,
         "seed": args.seed,
@@ -931,9 +960,10 @@ if __name__ == "__main__":
     # env setup: agent a's envs are a * num_envs ... (a + 1) * num_envs - 1
     goals = [goal for goal, _ in todo]
     A, E, T = len(todo), args.num_envs, args.num_steps
-    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), E, axis=0), args.size, args.terminate_on_goal, args.max_episode_steps)
+    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size) for goal in goals])
+    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), E, axis=0), args.size, args.terminate_on_goal, args.max_episode_steps,
+                             start_rngs if args.random_start else None)
     num_states = envs.single_observation_space.n
-    seeds, rngs = zip(*[agent_seeds(args.seed, goal, args.size) for goal in goals])
     # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
     recorder = HistoryRecorder(args, config, todo, envs)
     KEPT = recorder.kept(writer.log_dir)

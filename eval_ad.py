@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 # and the sources it compares with from the script that wrote the histories
 import collect_histories
 from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, evaluate_in_context, load_checkpoint, load_histories, make_dataset,
-                   sample_windows, summarize_evaluation, teacher_forced_loss)
+                   make_envs, sample_windows, summarize_evaluation, teacher_forced_loss)
 
 
 @dataclass
@@ -146,8 +146,10 @@ class ExplorationOracle:
         symmetry = rng.integers(0, len(views), num_envs)
         self.view, self.to_room, self.size = views[symmetry], to_room[symmetry], size  # [envs, cells], [envs, actions]
         self.distance = np.abs(row[:, None] - row[None]) + np.abs(col[:, None] - col[None])  # [cells, cells] steps apart
-        self.visited = np.zeros((num_envs, size * size), dtype=bool)  # as seen
-        self.visited[:, centre] = True  # every episode starts in the centre
+        # as seen: the cells stepped onto (a random start cell is not: only a step onto the goal is rewarded); the
+        # centre is never a goal
+        self.visited = np.zeros((num_envs, size * size), dtype=bool)
+        self.visited[:, centre] = True
         self.known_goal = np.full(num_envs, -1)  # the rewarded cell as seen, -1 while unknown
 
     def act(self, states):
@@ -178,13 +180,13 @@ class SourceLearner:
         self.act, self.observe = learner.act, learner.observe
 
 
-def run_policy(policy_class, goals, env, num_seeds, num_episodes, rng=None):
+def run_policy(policy_class, goals, env, num_seeds, num_episodes, rng=None, seed=0):
     """Run a baseline as evaluate_in_context runs the model: len(goals) x num_seeds envs (env i has goal
-    goals[i // num_seeds]) in lockstep for num_episodes whole episodes each. Returns returns, successes, lengths
-    [envs, episodes] and goals [envs, 2]."""
+    goals[i // num_seeds]) in lockstep for num_episodes whole episodes each (random starts, if any, drawn from
+    `seed`). Returns returns, successes, lengths [envs, episodes] and goals [envs, 2]."""
     goals = np.repeat(np.asarray(goals, dtype=np.int64).reshape(-1, 2), num_seeds, axis=0)
     N, size = len(goals), env["size"]
-    envs = DarkRoomVectorEnv(goals, size, env["terminate_on_goal"], env["max_episode_steps"])
+    envs = make_envs(goals, env, seed)
     policy = policy_class(N, size, goals[:, 0] * size + goals[:, 1], rng)
     returns, lengths = np.zeros((N, num_episodes), np.float32), np.zeros((N, num_episodes), np.int64)
     episode = np.zeros(N, dtype=np.int64)
@@ -508,11 +510,12 @@ if __name__ == "__main__":
         task_of_run = np.arange(len(result["returns"])) // args.seeds
         methods[part]["ad"] = Runs(result["returns"], task_of_run, goals)
         for name, policy in (("random", RandomPolicy), ("optimal", OptimalPolicy), ("oracle", ExplorationOracle)):
-            baseline = run_policy(policy, goals, env, args.seeds, args.episodes, np.random.default_rng(args.seed))
+            baseline = run_policy(policy, goals, env, args.seeds, args.episodes, np.random.default_rng(args.seed), args.seed)
             methods[part][name] = Runs(baseline["returns"], task_of_run, goals)
         histories = test_histories if part == "held_out" else train_histories
         if source in LEARNER_PER_STREAM:  # run the source itself from scratch, as long as the model
-            runs = run_policy(partial(SourceLearner, meta=metas[0]), goals, env, args.seeds, args.episodes, np.random.default_rng(args.seed))
+            runs = run_policy(partial(SourceLearner, meta=metas[0]), goals, env, args.seeds, args.episodes,
+                              np.random.default_rng(args.seed), args.seed)
             methods[part][source] = Runs(runs["returns"], task_of_run, goals)
         elif histories:  # a trained source (A2C): episode k of every stream of its histories on these goals
             returns, task_of_row = source_episodes(histories, args.episodes)

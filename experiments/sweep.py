@@ -26,7 +26,8 @@ class Args:
     study: Literal["pace", "levers", "data"] = "pace"
     """"pace": AD on A2C, fast-A2C and explorer histories at different paces (keep every k-th episode, history
     length), plotted against how many context windows the source's learning arc spans; "levers": the lever sweep;
-    "data": AD on Dyna-Q histories against streams per goal and the number of training goals, at equal training tokens"""
+    "data": AD on Dyna-Q histories against streams per goal, the number of training goals, random starts and the room's
+    size, at equal training tokens"""
     only: Tuple[str, ...] = ()
     """run only these configs of the study (names as in the table); default all"""
     jobs: int = 1
@@ -62,6 +63,14 @@ SOURCES = {
     "histories_dynaq_s20": ["--source", "dynaq", "--dynaq-q0", "0.5", "--num-envs", "20", "--history-len", "5120", "--tasks", "all"],
     "histories_dynaq_g15": ["--source", "dynaq", "--dynaq-q0", "0.5", "--num-envs", "500", "--history-len", "128000", "--tasks", "all",
                             "--num-train-tasks", "15"],
+    # the same 500 streams per goal, each episode starting in a random cell: (start, goal) pairs instead of 57 goals.
+    # q0 0.1: from a far start a known path is worth 0.9^16 = 0.19, so with 0.5 the learner keeps exploring instead (its
+    # own success at episode 12: 0.43; with 0.1: 0.62, near the centre start's 0.67 with 0.5)
+    "histories_dynaq_rs": ["--source", "dynaq", "--dynaq-q0", "0.1", "--num-envs", "500", "--history-len", "128000", "--tasks", "all",
+                           "--random-start"],
+    # a 13x13 room: 168 goals, 126 for training (42 held out, 25%), 500 streams per goal
+    "histories_dynaq_13": ["--source", "dynaq", "--dynaq-q0", "0.5", "--num-envs", "500", "--history-len", "128000", "--tasks", "all",
+                           "--size", "13", "--num-train-tasks", "126"],
 }
 
 FAST = ["--history-len", "None"]
@@ -94,6 +103,8 @@ DATA = {
     "dynaq_g57_s500": ("histories_dynaq", DYNAQ),
     "dynaq_g57_s20": ("histories_dynaq_s20", DYNAQ),
     "dynaq_g15_s500": ("histories_dynaq_g15", DYNAQ),
+    "dynaq_g57_s500_rs": ("histories_dynaq_rs", DYNAQ),
+    "dynaq_13x13_g126_s500": ("histories_dynaq_13", DYNAQ),
 }
 STUDIES = {"pace": PACE, "levers": LEVERS, "data": DATA}
 
@@ -184,6 +195,8 @@ def summarize(study, configs, args):
             "train_success_41_50": float(np.mean(train_curve[40:50])) if len(train_curve) >= 50 else None,
             "train_goals": len(histories_cache[histories]), "streams_per_goal": int(histories_cache[histories][0]["states"].shape[0]),
             "held_out_goals": r["methods"]["ad"]["runs"] // args.eval_seeds,
+            "room": ad_dt.read_tasks(ROOT / histories)["env"]["size"],
+            "random_start": ad_dt.read_tasks(ROOT / histories)["env"].get("random_start", False),
         })
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     episodes = (1, 5, 10, 20, 50, 100, 200)
@@ -198,10 +211,11 @@ def summarize(study, configs, args):
             f"{fmt(row['train_success_11_20'])} / {fmt(row['train_exploit'])} | {fmt(row['loss_heldout'])} / {fmt(row['loss_train'])} | {row['arc_windows']:.1f} |"
         )
     if study == "data":  # memorisation shows as training goals above held-out ones
-        lines = ["| config | training goals x streams per goal | held-out goals | 11-20 held-out / training | 41-50 held-out / training | "
-                 "exploit held-out / training | loss held-out / train |", "|---|---|---|---|---|---|---|"]
+        lines = ["| config | room, start | training goals x streams per goal | held-out goals | 11-20 held-out / training | "
+                 "41-50 held-out / training | exploit held-out / training | loss held-out / train |", "|---|---|---|---|---|---|---|---|"]
         for row in rows:
-            lines.append(f"| {row['config']} | {row['train_goals']} x {row['streams_per_goal']} | {row['held_out_goals']} | "
+            room = f"{row['room']}x{row['room']}, {'random' if row['random_start'] else 'centre'}"
+            lines.append(f"| {row['config']} | {room} | {row['train_goals']} x {row['streams_per_goal']} | {row['held_out_goals']} | "
                          f"{fmt(row['success_11_20'])} / {fmt(row['train_success_11_20'])} | {fmt(row['success_41_50'])} / "
                          f"{fmt(row['train_success_41_50'])} | {fmt(row['exploit'])} / {fmt(row['train_exploit'])} | "
                          f"{fmt(row['loss_heldout'])} / {fmt(row['loss_train'])} |")
@@ -229,7 +243,8 @@ def plot_data(rows, path):
         ax.plot(episodes, held_out, "-", color="tab:blue", label="held-out goals")
         ax.plot(episodes, train, "--", color="tab:red", label="training goals")
         ax.axhline(r["random_11_20"], color="grey", ls=":", lw=1, label="random policy")
-        ax.set(title=f"{r['train_goals']} training goals x {r['streams_per_goal']} streams", xlabel="episode in context",
+        room = "" if (r["room"], r["random_start"]) == (9, False) else f"{r['room']}x{r['room']}{', random starts' if r['random_start'] else ''}: "
+        ax.set(title=f"{room}{r['train_goals']} training goals x {r['streams_per_goal']} streams", xlabel="episode in context",
                ylabel="success rate" if i == 0 else None, ylim=(0, 1))
         ax.grid(alpha=0.3)
         if i == 0:

@@ -295,6 +295,35 @@ def test_evaluation_follows_the_env_and_counts_whole_episodes():
     assert (result["lengths"].sum(1) == result["states"].shape[1]).any()
 
 
+def test_random_start_evaluation_follows_toymeta_and_is_reproducible(tmp_path):
+    """Histories with random starts (tasks.json's env.random_start) are evaluated with random starts: every episode
+    starts where the evaluation's seeded generator puts it, and the rest follows toymeta's room."""
+    model, env = make_model("one", 8), {**ENV, "random_start": True}
+    goals = [[3, 4], [0, 8]]
+    result = ad_dt.evaluate_in_context(model, goals, env, num_seeds=3, num_episodes=6, seed=2)
+    again = ad_dt.evaluate_in_context(model, goals, env, num_seeds=3, num_episodes=6, seed=2)
+    for key in ("states", "actions", "returns"):
+        np.testing.assert_array_equal(result[key], again[key])
+    starts = result["states"][result["timesteps"] == 0]
+    assert len(np.unique(starts)) > 10  # not the centre every time
+    for i, goal in enumerate(np.repeat(goals, 3, axis=0)):
+        room = gym.wrappers.TimeLimit(DarkRoom(9, goal=goal, random_start=False, terminate_on_goal=True), 20)
+        for t in range(result["states"].shape[1]):
+            if result["timesteps"][i, t] == 0:  # a new episode: put the agent on its start
+                room.reset()
+                room.unwrapped.agent_pos = np.array(divmod(int(result["states"][i, t]), 9), dtype=np.float32)
+            next_state, reward, *_ = room.step(int(result["actions"][i, t]))
+            assert (result["next_states"][i, t], result["rewards"][i, t]) == (next_state, reward)
+    # tasks.json may say random_start, but only as a boolean
+    root = write_collection(tmp_path, steps=40)
+    tasks = json.loads((root / "tasks.json").read_text())
+    (root / "tasks.json").write_text(json.dumps({**tasks, "env": env}))
+    assert ad_dt.read_tasks(root)["env"]["random_start"] is True
+    (root / "tasks.json").write_text(json.dumps({**tasks, "env": {**env, "random_start": "yes"}}))
+    with pytest.raises(SystemExit, match="out of range"):
+        ad_dt.read_tasks(root)
+
+
 # end to end
 def run_script(cwd, *flags):
     proc = subprocess.run([sys.executable, str(ROOT / "ad_dt.py"), *flags], cwd=cwd, capture_output=True, text=True, timeout=120)

@@ -11,11 +11,14 @@ import sys
 import threading
 import time
 
+from functools import partial
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import tyro
+from toymeta.dark_room import DarkRoom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -87,22 +90,31 @@ def load(path):
 # ---------------------------------------------------------------------------------------------- the vectorized env
 
 
-@pytest.mark.parametrize("terminate_on_goal", [True, False])
-@pytest.mark.parametrize("max_episode_steps", [1, 3, 20])
-def test_vector_env_matches_toymeta_with_time_limit(terminate_on_goal, max_episode_steps):
-    """All 80 goals side by side: toymeta DarkRoom + TimeLimit (a2c_darkroom.make_env) in a SAME_STEP SyncVectorEnv."""
+def toymeta_env(size, goal, terminate_on_goal, max_episode_steps, random_start):
+    """a2c_darkroom.make_env's env (toymeta DarkRoom + TimeLimit + the episode's timestep), with or without random starts."""
+    env = DarkRoom(size=size, goal=goal, random_start=random_start, terminate_on_goal=terminate_on_goal)
+    return a2c_darkroom.EpisodeTimestep(gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps))
+
+
+@pytest.mark.parametrize("terminate_on_goal, max_episode_steps, random_start",
+                         [(t, n, False) for t in (True, False) for n in (1, 3, 20)] + [(True, 1, True), (False, 20, True)])
+def test_vector_env_matches_toymeta_with_time_limit(terminate_on_goal, max_episode_steps, random_start):
+    """All 80 goals side by side: toymeta DarkRoom + TimeLimit (a2c_darkroom.make_env) in a SAME_STEP SyncVectorEnv.
+    With random starts, env i of the reference is seeded with i (SyncVectorEnv's reset(seed=0)), and ours draws the
+    starts of env i from np.random.default_rng(i): the same cells, episode after episode."""
     ref = gym.vector.SyncVectorEnv(
-        [a2c_darkroom.make_env(9, goal, terminate_on_goal, max_episode_steps) for goal in ALL_GOALS],
+        [partial(toymeta_env, 9, goal, terminate_on_goal, max_episode_steps, random_start) for goal in ALL_GOALS],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
-    ours = ch.DarkRoomVectorEnv(np.array(ALL_GOALS), 9, terminate_on_goal, max_episode_steps)
+    start_rngs = [np.random.default_rng(i) for i in range(len(ALL_GOALS))] if random_start else None
+    ours = ch.DarkRoomVectorEnv(np.array(ALL_GOALS), 9, terminate_on_goal, max_episode_steps, start_rngs)
     obs_ref, info_ref = ref.reset(seed=0)
     obs, info = ours.reset(seed=0)
     np.testing.assert_array_equal(obs, obs_ref)
     np.testing.assert_array_equal(info["timestep"], info_ref["timestep"])
     rng = np.random.default_rng(max_episode_steps)
     favourite = rng.integers(0, 5, len(ALL_GOALS))  # a drift per env, so walls and far goals are reached too
-    counts = {"ended": 0, "rewards": 0, "both": 0, "wall": 0}
+    counts, starts = {"ended": 0, "rewards": 0, "both": 0, "wall": 0}, obs.tolist()
     for _ in range(300):
         actions = np.where(rng.random(len(ALL_GOALS)) < 0.5, favourite, rng.integers(0, 5, len(ALL_GOALS)))
         before = obs.copy()
@@ -119,6 +131,7 @@ def test_vector_env_matches_toymeta_with_time_limit(terminate_on_goal, max_episo
             np.testing.assert_array_equal(info["final_obs"][ended], info_ref["final_obs"][ended].astype(np.int64))
         np.testing.assert_array_equal(info["final_obs"][~ended], obs[~ended])
         counts["ended"] += ended.sum()
+        starts += obs[ended].tolist()
         counts["rewards"] += r.sum()
         counts["both"] += (term & trunc).sum()
         counts["wall"] += ((info["final_obs"] == before) & (actions != 0)).sum()
@@ -127,6 +140,29 @@ def test_vector_env_matches_toymeta_with_time_limit(terminate_on_goal, max_episo
         assert counts["wall"] > 100  # moves into a wall leave the agent where it was
     if terminate_on_goal and max_episode_steps <= 3:
         assert counts["both"] > 0  # the case where toymeta's TimeLimit reports terminated and truncated
+    starts = np.array(starts)
+    if random_start:
+        assert len(set(starts.tolist())) == 81  # every cell was a start, the goals included
+    else:
+        assert (starts == 40).all()
+
+
+def test_random_starts_of_a_block_depend_on_that_block_only():
+    """Envs that share a start generator draw their starts in env order; another block's resets change nothing."""
+    goals = np.array([(0, 0)] * 6)
+    a = ch.DarkRoomVectorEnv(goals, 9, True, 5, [np.random.default_rng(7), np.random.default_rng(8)])
+    b = ch.DarkRoomVectorEnv(goals[:3], 9, True, 5, [np.random.default_rng(7)])
+    rng = np.random.default_rng(0)
+    obs_a, _ = a.reset()
+    obs_b, _ = b.reset()
+    for _ in range(40):
+        actions = rng.integers(0, 5, 6)
+        actions[3:] = 0 if rng.random() < 0.5 else actions[3:]  # the second block resets on its own schedule
+        np.testing.assert_array_equal(obs_a[:3], obs_b)
+        obs_a = a.step(actions)[0]
+        obs_b = b.step(actions[:3])[0]
+    with pytest.raises(ValueError, match="equal blocks"):
+        ch.DarkRoomVectorEnv(goals, 9, True, 5, [np.random.default_rng(0)] * 4)
 
 
 # ---------------------------------------------------------------------------------------------- batched A2C
@@ -252,7 +288,8 @@ def test_gradient_clipping_is_per_agent():
 
 
 def check_dynamics(arrays, meta):
-    """Every transition follows DarkRoom + TimeLimit, streams start at the centre, timesteps restart after every end."""
+    """Every transition follows DarkRoom + TimeLimit, episodes start at the centre (anywhere with random starts),
+    timesteps restart after every end."""
     size, goal = meta["env"]["size"], meta["goal"]
     limit, terminate = meta["env"]["max_episode_steps"], meta["env"]["terminate_on_goal"]
     s, a = arrays["states"].astype(np.int64), arrays["actions"].astype(np.int64)
@@ -266,11 +303,16 @@ def check_dynamics(arrays, meta):
     np.testing.assert_array_equal(arrays["terminated"], at_goal & terminate)
     np.testing.assert_array_equal(arrays["truncated"], (arrays["timesteps"] == limit - 1) & ~arrays["terminated"])
     ended = arrays["terminated"] | arrays["truncated"]
-    start = (size // 2) * size + size // 2
-    assert (arrays["states"][:, 0] == start).all() and (arrays["timesteps"][:, 0] == 0).all()
     t = arrays["timesteps"].astype(np.int64)
+    assert (t[:, 0] == 0).all()
     np.testing.assert_array_equal(t[:, 1:], np.where(ended[:, :-1], 0, t[:, :-1] + 1))
-    np.testing.assert_array_equal(arrays["states"][:, 1:], np.where(ended[:, :-1], start, arrays["next_states"][:, :-1]))
+    after_reset = np.concatenate([np.ones_like(ended[:, :1]), ended[:, :-1]], axis=1)
+    np.testing.assert_array_equal(arrays["states"][:, 1:][~after_reset[:, 1:]], arrays["next_states"][:, :-1][~ended[:, :-1]])
+    starts = arrays["states"][after_reset]
+    if meta["env"].get("random_start", False):
+        assert len(np.unique(starts)) > min(10, len(starts) // 4)  # starts vary
+    else:
+        assert (starts == (size // 2) * size + size // 2).all()
 
 
 def test_history_files_on_a_small_collection(tmp_path):
@@ -318,18 +360,22 @@ def test_no_terminate_mode_history(tmp_path):
         assert (arrays["rewards"][:, 1:] & arrays["rewards"][:, :-1]).any()  # staying on the goal pays again
 
 
-def test_histories_replay_through_a2c_darkroom(tmp_path):
-    """End to end: replaying a history's rollouts through a2c_darkroom.py's update gives the collector's final agent."""
+@pytest.mark.parametrize("size, random_start", [(9, False), (13, True)])
+def test_histories_replay_through_a2c_darkroom(tmp_path, size, random_start):
+    """End to end: replaying a history's rollouts through a2c_darkroom.py's update gives the collector's final agent
+    (the batched agents learn as independent ones), in a larger room with random starts too."""
     out = tmp_path / "h"
     args = ["--histories-dir", str(out), "--tasks", "3,5", "5,3", "--num-envs", "3", "--num-steps", "4",
-            "--total-timesteps", "240", "--history-len", "240", "--learning-rate", "0.01", "--gamma", "0.8"]
+            "--total-timesteps", "240", "--history-len", "240", "--learning-rate", "0.01", "--gamma", "0.8",
+            "--size", str(size), *(["--random-start"] if random_start else [])]
     assert run_in_process(tmp_path, *args) == 0
     saved = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "agents.pt"))[0])
     assert [tuple(g) for g in saved["goals"]] == [(3, 5), (5, 3)]
     for i, goal in enumerate(saved["goals"]):
         arrays, meta = load(glob.glob(str(out / "*" / f"goal_{goal[0]}_{goal[1]}.npz"))[0])
-        torch.manual_seed(ch.agent_seeds(1, tuple(goal), 9)[0])
-        ref = a2c_darkroom.Agent(81, 5, 128)
+        check_dynamics(arrays, meta)
+        torch.manual_seed(ch.agent_seeds(1, tuple(goal), size)[0])
+        ref = a2c_darkroom.Agent(size * size, 5, 128)
         opt = torch.optim.Adam(ref.parameters(), lr=0.01, eps=1e-6)
         clipped = 0
         for u in range(80 // 4):
@@ -347,8 +393,8 @@ def test_histories_replay_through_a2c_darkroom(tmp_path):
         assert clipped > 0
         # 20 Adam steps of size ~lr = 1e-2 moved the weights by ~1e-1; rounding differences stay below 1e-4
         state = saved["agent"]
-        torch.manual_seed(ch.agent_seeds(1, tuple(goal), 9)[0])
-        assert (a2c_darkroom.Agent(81, 5, 128).actor.weight - ref.actor.weight).abs().max() > 5e-2
+        torch.manual_seed(ch.agent_seeds(1, tuple(goal), size)[0])
+        assert (a2c_darkroom.Agent(size * size, 5, 128).actor.weight - ref.actor.weight).abs().max() > 5e-2
         torch.testing.assert_close(state["embedding"][i], ref.embedding.weight.T, atol=1e-4, rtol=0)
         torch.testing.assert_close(state["actor_weight"][i], ref.actor.weight, atol=1e-4, rtol=0)
         torch.testing.assert_close(state["actor_bias"][i], ref.actor.bias, atol=1e-4, rtol=0)
@@ -356,9 +402,11 @@ def test_histories_replay_through_a2c_darkroom(tmp_path):
         torch.testing.assert_close(state["critic_bias"][i], ref.critic.bias, atol=1e-4, rtol=0)
 
 
-def test_history_does_not_depend_on_the_other_tasks(tmp_path):
-    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "a"), "--tasks", "0,1", *TINY) == 0
-    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "b"), "--tasks", "0,1", "8,8", "2,2", *TINY) == 0
+@pytest.mark.parametrize("random_start", [False, True])
+def test_history_does_not_depend_on_the_other_tasks(tmp_path, random_start):
+    flags = [*TINY, *(["--random-start"] if random_start else [])]
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "a"), "--tasks", "0,1", *flags) == 0
+    assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "b"), "--tasks", "0,1", "8,8", "2,2", *flags) == 0
     (a, meta_a), (b, meta_b) = [load(glob.glob(str(tmp_path / d / "*" / "goal_0_1.npz"))[0]) for d in "ab"]
     assert meta_a == meta_b
     for key in ch.HISTORY_KEYS:
@@ -772,9 +820,31 @@ def test_explorer_source_finds_then_exploits(tmp_path):
     assert max(first_success) <= 7 and 1.5 < np.mean(first_success) < 4
 
 
-@pytest.mark.parametrize("source", ["explorer", "dynaq"])
-def test_per_stream_source_is_reproducible_and_independent_of_other_tasks(tmp_path, source):
-    common = ["--source", source, "--num-envs", "5", "--history-len", "500"]
+def test_explorer_with_random_starts_finds_then_takes_shortest_paths(tmp_path):
+    """Starting anywhere, the explorer still finds the goal, then goes straight to it from every start (one step, a
+    rewarded noop, when it starts on the goal)."""
+    out = tmp_path / "h"
+    args = ["--histories-dir", str(out), "--source", "explorer", "--explorer-eps", "0", "--num-envs", "10",
+            "--history-len", "2000", "--tasks", "0,0", "2,7", "6,3", "8,8", "--random-start"]
+    assert run_in_process(tmp_path, *args) == 0
+    for path in glob.glob(str(out / "*" / "*.npz")):
+        arrays, meta = load(path)
+        check_dynamics(arrays, meta)
+        goal = meta["goal"]
+        for stream in range(10):
+            episodes, t = episodes_of(arrays, stream), 0
+            k = next(i for i, (_, success) in enumerate(episodes) if success)
+            assert k < 8
+            for i, (length, success) in enumerate(episodes):
+                row, col = divmod(int(arrays["states"][stream, t]), 9)
+                if i > k:
+                    assert success and length == max(abs(row - goal[0]) + abs(col - goal[1]), 1)
+                t += length
+
+
+@pytest.mark.parametrize("source, random_start", [("explorer", False), ("dynaq", False), ("explorer", True)])
+def test_per_stream_source_is_reproducible_and_independent_of_other_tasks(tmp_path, source, random_start):
+    common = ["--source", source, "--num-envs", "5", "--history-len", "500", *(["--random-start"] if random_start else [])]
     assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "a"), "--tasks", "0,0", "2,6", *common) == 0
     assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "b"), "--tasks", "2,6", *common) == 0
     a, _ = load(tmp_path / "a" / "train" / "goal_2_6.npz")
@@ -787,15 +857,16 @@ def test_per_stream_source_is_reproducible_and_independent_of_other_tasks(tmp_pa
 # ---------------------------------------------------------------------------------------------- the dynaq source
 
 
-def reference_dynaq(goal, rng, steps, q0, gamma, sweeps, eps, terminate_on_goal=True, max_episode_steps=20):
+def reference_dynaq(goal, rng, steps, q0, gamma, sweeps, eps, terminate_on_goal=True, max_episode_steps=20,
+                    random_start=False, start_seed=0):
     """One Dyna-Q learner, written plainly: toymeta's DarkRoom + TimeLimit, a (state, action) model, and every
     sweep of value iteration after every step (no skipping). Returns its actions and its Q after every step."""
     S, A = 81, 5
-    env = a2c_darkroom.make_env(9, goal, terminate_on_goal, max_episode_steps)()
+    env = toymeta_env(9, goal, terminate_on_goal, max_episode_steps, random_start)
     known, end = np.zeros((S, A), bool), np.zeros((S, A), bool)
     model_next, model_reward = np.zeros((S, A), np.int64), np.zeros((S, A), np.float32)
     Q = np.full((S, A), q0, np.float32)
-    state, _ = env.reset(seed=0)
+    state, _ = env.reset(seed=start_seed)
     actions, qs = [], []
     for _ in range(steps):
         u = rng.random(A + 2)
@@ -813,14 +884,16 @@ def reference_dynaq(goal, rng, steps, q0, gamma, sweeps, eps, terminate_on_goal=
     return np.array(actions), np.stack(qs)
 
 
-@pytest.mark.parametrize("q0, eps, terminate_on_goal, max_episode_steps", [(1.0, 0.0, True, 20), (0.5, 0.1, True, 12),
-                                                                            (1.0, 0.05, False, 9)])
-def test_dynaq_batched_equals_single_env_learners(q0, eps, terminate_on_goal, max_episode_steps):
+@pytest.mark.parametrize("q0, eps, terminate_on_goal, max_episode_steps, random_start", [
+    (1.0, 0.0, True, 20, False), (0.5, 0.1, True, 12, False), (1.0, 0.05, False, 9, False), (0.5, 0.0, True, 20, True)])
+def test_dynaq_batched_equals_single_env_learners(q0, eps, terminate_on_goal, max_episode_steps, random_start):
     """The batched learner (envs side by side in the numpy DarkRoom, settled streams not swept) takes the same
-    actions and holds the same Q, bit for bit, as plain single-env learners run one at a time in toymeta's env."""
+    actions and holds the same Q, bit for bit, as plain single-env learners run one at a time in toymeta's env
+    (with random starts: toymeta's env seeded with s, ours drawing from np.random.default_rng(s))."""
     goals, steps, gamma, sweeps = [(0, 0), (3, 4), (6, 2), (8, 7)], 250, 0.9, 20
     seeds = [np.random.SeedSequence([5, i]) for i in range(len(goals))]
-    envs = ch.DarkRoomVectorEnv(np.array(goals), 9, terminate_on_goal, max_episode_steps)
+    start_rngs = [np.random.default_rng(100 + i) for i in range(len(goals))] if random_start else None
+    envs = ch.DarkRoomVectorEnv(np.array(goals), 9, terminate_on_goal, max_episode_steps, start_rngs)
     learner = ch.DynaQLearner(len(goals), 81, [np.random.default_rng(s) for s in seeds], q0, gamma, sweeps, eps)
     envs.reset(seed=0)
     actions, qs, rewards = [], [], 0
@@ -834,20 +907,22 @@ def test_dynaq_batched_equals_single_env_learners(q0, eps, terminate_on_goal, ma
     actions, qs = np.stack(actions, 1), np.stack(qs, 1)
     for i, goal in enumerate(goals):
         ref_actions, ref_qs = reference_dynaq(goal, np.random.default_rng(seeds[i]), steps, q0, gamma, sweeps, eps,
-                                              terminate_on_goal, max_episode_steps)
+                                              terminate_on_goal, max_episode_steps, random_start, 100 + i)
         np.testing.assert_array_equal(actions[i], ref_actions)
         np.testing.assert_array_equal(qs[i], ref_qs)
     assert learner.sweeps_done < 0.5 * steps * sweeps * len(goals)  # skipping was at work
     assert rewards > 0 and (qs[:, -1] != q0).mean() > 0.15  # the goal was found and much of the room was learned
 
 
-@pytest.mark.parametrize("terminate_on_goal", [True, False])
-def test_dynaq_histories_replay_in_toymeta(tmp_path, capsys, terminate_on_goal):
-    """Every stream's actions, replayed in toymeta's DarkRoom under gymnasium's TimeLimit, give its history."""
+@pytest.mark.parametrize("terminate_on_goal, random_start, size", [(True, False, 9), (False, False, 9), (True, True, 9),
+                                                                   (True, True, 13)])
+def test_dynaq_histories_replay_in_toymeta(tmp_path, capsys, terminate_on_goal, random_start, size):
+    """Every stream's actions, replayed in toymeta's DarkRoom under gymnasium's TimeLimit, give its history (with random
+    starts, each episode of the replay is put on the start cell of the history's episode)."""
     out, limit = tmp_path / "h", 20 if terminate_on_goal else 7
     args = ["--histories-dir", str(out), "--source", "dynaq", "--num-envs", "4", "--history-len", "1200",
-            "--max-episode-steps", str(limit), "--tasks", "0,0", "3,4", "7,2",
-            *([] if terminate_on_goal else ["--no-terminate-on-goal"])]
+            "--max-episode-steps", str(limit), "--tasks", "0,0", "3,4", "7,2", "--size", str(size),
+            *([] if terminate_on_goal else ["--no-terminate-on-goal"]), *(["--random-start"] if random_start else [])]
     assert run_in_process(tmp_path, *args) == 0
     paths = glob.glob(str(out / "*" / "*.npz"))
     assert len(paths) == 3
@@ -858,19 +933,30 @@ def test_dynaq_histories_replay_in_toymeta(tmp_path, capsys, terminate_on_goal):
         rewards += arrays["rewards"].sum()
         assert meta["source"] == "dynaq" and meta["algo"] == {"num_envs": 4, "dynaq_q0": 0.5, "dynaq_gamma": 0.9,
                                                                "dynaq_sweeps": 20, "dynaq_eps": 0.0, "history_len": 1200}
+        assert meta["env"] == {"size": size, "terminate_on_goal": terminate_on_goal, "max_episode_steps": limit,
+                               **({"random_start": True} if random_start else {})}
         for stream in range(4):
-            env = a2c_darkroom.make_env(9, tuple(meta["goal"]), terminate_on_goal, limit)()
-            state, info = env.reset(seed=0)
+            env = toymeta_env(size, tuple(meta["goal"]), terminate_on_goal, limit, random_start=False)
+
+            def reset():
+                state, info = env.reset(seed=0)
+                if random_start:  # the history's start cell of this episode
+                    state = int(arrays["states"][stream, len(replay["states"])])
+                    env.unwrapped.agent_pos = np.array(divmod(state, size), dtype=np.float32)
+                return state, info
+
             replay = {key: [] for key in ch.HISTORY_KEYS}
+            state, info = reset()
             for action in arrays["actions"][stream]:
                 next_state, reward, terminated, truncated, next_info = env.step(int(action))
                 for key, value in zip(ch.HISTORY_KEYS, [state, action, reward, next_state, terminated,
                                                         truncated and not terminated, info["timestep"]]):
                     replay[key].append(value)
-                state, info = env.reset() if terminated or truncated else (next_state, next_info)
+                if len(replay["states"]) < arrays["states"].shape[1]:
+                    state, info = reset() if terminated or truncated else (next_state, next_info)
             for key, dtype in ch.HISTORY_KEYS.items():
                 np.testing.assert_array_equal(arrays[key][stream], np.array(replay[key]).astype(dtype), err_msg=key)
-    assert rewards > 20  # goals were reached, so rewards and terminations were replayed too
+    assert rewards > (20 if size == 9 else 5)  # goals were reached, so rewards and terminations were replayed too
     # a rerun into the same directory with another dynaq flag is refused
     capsys.readouterr()
     assert run_in_process(tmp_path, *args, "--dynaq-sweeps", "5") == 1

@@ -211,6 +211,21 @@ def test_oracle_finds_every_goal_within_its_worst_case_and_is_optimal_after(term
     assert (result["returns"] <= optimal).all() and (result["returns"][~after] < optimal[~after]).any()
 
 
+def test_oracle_with_random_starts_finds_every_goal_then_goes_straight_to_it():
+    """Starting anywhere, the oracle still covers the room within a few episodes and, once rewarded, takes a shortest path
+    from each episode's start (one step when it starts on the goal: a noop there is rewarded)."""
+    seeds, episodes = 4, 10
+    env = {**ENV, "random_start": True}
+    result = eval_ad.run_policy(eval_ad.ExplorationOracle, ALL_GOALS, env, seeds, episodes, np.random.default_rng(3), seed=5)
+    first_success = result["successes"].argmax(1)
+    assert result["successes"].any(1).all() and first_success.max() <= 6
+    after = np.arange(episodes)[None] > first_success[:, None]
+    assert result["successes"][after].all()
+    # the shortest paths: the same starts, drawn again by the same seeded rooms, give each episode's lower bound
+    optimal = eval_ad.run_policy(eval_ad.OptimalPolicy, ALL_GOALS, env, seeds, episodes, seed=5)
+    assert result["lengths"][after].mean() < optimal["lengths"].mean() + 1
+
+
 def random_walk_reference(goal, steps=20, size=9):
     """Exact, by dynamic programming over the position distribution of one episode of uniformly random actions:
     P(reaching the goal) and the expected number of steps that end on the goal if the episode does not end there."""

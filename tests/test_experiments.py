@@ -81,11 +81,11 @@ def test_data_study_puts_held_out_and_training_goals_side_by_side(tmp_path, monk
     import json
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_ad_dt import write_collection
+    from test_ad_dt import ENV, write_collection
 
     monkeypatch.setattr(sweep, "ROOT", tmp_path)
     write_collection(tmp_path / "few", train_goals=[[0, 0]], num_streams=3, steps=40)
-    write_collection(tmp_path / "many", train_goals=[[0, 0], [8, 8]], num_streams=1, steps=40)
+    write_collection(tmp_path / "many", train_goals=[[0, 0], [8, 8]], num_streams=1, steps=40, env_config={**ENV, "random_start": True})
     # a model that memorised its goals (training above held-out) and one that did not; 4 seeds per goal
     curves = {"memorised": ([0.1] * 50, [0.9] * 50, 1), "general": ([0.2] * 10 + [0.8] * 40, [0.2] * 10 + [0.85] * 40, 2)}
     for name, (held_out, train, goals) in curves.items():
@@ -107,8 +107,10 @@ def test_data_study_puts_held_out_and_training_goals_side_by_side(tmp_path, monk
     assert rows["memorised"]["success_41_50"] == pytest.approx(0.1) and rows["memorised"]["train_success_41_50"] == pytest.approx(0.9)
     assert rows["general"]["success_11_20"] == pytest.approx(0.8) and rows["general"]["train_success_41_50"] == pytest.approx(0.85)
     assert rows["general"]["held_out_goals"] == 3
+    assert (rows["memorised"]["room"], rows["memorised"]["random_start"], rows["general"]["random_start"]) == (9, False, True)
     table = (tmp_path / "out" / "data.md").read_text()
-    assert "| memorised | 1 x 3 | 3 | 0.10 / 0.90 | 0.10 / 0.90 | 0.50 / 0.95 | 0.90 / 0.30 |" in table
+    assert "| memorised | 9x9, centre | 1 x 3 | 3 | 0.10 / 0.90 | 0.10 / 0.90 | 0.50 / 0.95 | 0.90 / 0.30 |" in table
+    assert "| general | 9x9, random | 2 x 1 |" in table
     assert (tmp_path / "out" / "data_study.png").stat().st_size > 10_000
 
 
