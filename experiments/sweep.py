@@ -65,7 +65,7 @@ SOURCES = {
                             "--num-train-tasks", "15"],
     # the same 500 streams per goal, each episode starting in a random cell: (start, goal) pairs instead of 57 goals.
     # q0 0.1: from a far start a known path is worth 0.9^16 = 0.19, so with 0.5 the learner keeps exploring instead (its
-    # own success at episode 12: 0.43; with 0.1: 0.62, near the centre start's 0.67 with 0.5)
+    # own success at episode 12, on five goals: 0.43; with 0.1: 0.62, near the centre start's 0.67 with 0.5)
     "histories_dynaq_rs": ["--source", "dynaq", "--dynaq-q0", "0.1", "--num-envs", "500", "--history-len", "128000", "--tasks", "all",
                            "--random-start"],
     # a 13x13 room: 168 goals, 126 for training (42 held out, 25%), 500 streams per goal
@@ -233,7 +233,7 @@ def summarize(study, configs, args):
 def plot_data(rows, path):
     """One panel per config: AD's success by episode on the held-out goals (solid) and on the training goals
     (dashed). Where the dashed curve runs above the solid one, the model remembers goals instead of finding them."""
-    fig = Figure(figsize=(4.3 * len(rows), 3.8))
+    fig = Figure(figsize=(4.6 * len(rows), 3.8))
     for i, r in enumerate(rows):
         ax = fig.add_subplot(1, len(rows), i + 1)
         results = json.loads((path.parent / r["config"] / "results.json").read_text())
@@ -243,7 +243,7 @@ def plot_data(rows, path):
         ax.plot(episodes, held_out, "-", color="tab:blue", label="held-out goals")
         ax.plot(episodes, train, "--", color="tab:red", label="training goals")
         ax.axhline(r["random_11_20"], color="grey", ls=":", lw=1, label="random policy")
-        room = "" if (r["room"], r["random_start"]) == (9, False) else f"{r['room']}x{r['room']}{', random starts' if r['random_start'] else ''}: "
+        room = (f"{r['room']}x{r['room']}, " if r["room"] != 9 else "") + ("random starts, " if r["random_start"] else "")
         ax.set(title=f"{room}{r['train_goals']} training goals x {r['streams_per_goal']} streams", xlabel="episode in context",
                ylabel="success rate" if i == 0 else None, ylim=(0, 1))
         ax.grid(alpha=0.3)
