@@ -181,6 +181,7 @@ def summarize(study, configs, args):
             histories_cache[histories] = ad_dt.load_histories(ROOT / histories)[1]
         arc = learning_arc(histories_cache[histories], train_args["history_len"], train_args["keep_every"])
         loss = r["diagnostics"]["teacher_forced_loss"] or {}
+        env = ad_dt.read_tasks(ROOT / histories)["env"]
         rows.append({
             "config": name, "source": histories, "flags": " ".join(flags),
             "success_by_episode": {e: ad[e - 1] for e in (1, 5, 10, 20, 50, 100, 200) if e <= len(ad)},
@@ -195,8 +196,7 @@ def summarize(study, configs, args):
             "train_success_41_50": float(np.mean(train_curve[40:50])) if len(train_curve) >= 50 else None,
             "train_goals": len(histories_cache[histories]), "streams_per_goal": int(histories_cache[histories][0]["states"].shape[0]),
             "held_out_goals": r["methods"]["ad"]["runs"] // args.eval_seeds,
-            "room": ad_dt.read_tasks(ROOT / histories)["env"]["size"],
-            "random_start": ad_dt.read_tasks(ROOT / histories)["env"].get("random_start", False),
+            "room": env["size"], "random_start": env.get("random_start", False),
         })
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     episodes = (1, 5, 10, 20, 50, 100, 200)
