@@ -14,6 +14,7 @@ import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ad_dt import (  # noqa: E402
+    INPUT_KEYS,
     NUM_ACTIONS,
     ADTransformer,
     evaluate_in_context,
@@ -76,7 +77,7 @@ def make_model(train_args, env, seed):
 def train_step(model, optimizer, scheduler, data, train_args, rng):
     """One update of ad_dt.py's training loop (without its TensorBoard writes); returns the loss."""
     batch, _ = sample_windows(data, train_args.batch_size, train_args.seq_len, rng)
-    logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
+    logits = model(*(batch[key] for key in INPUT_KEYS))  # the flags it was not built with are ignored
     loss = F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1))  # every action of the window
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -1,8 +1,10 @@
-# Training speed of ad_dt.py: our default update vs the original design's configuration, measured side by side. Docs: benchmarks/README.md
+# Training speed of ad_dt.py, two configurations side by side: our default update vs the original design's, or one
+# reproduce.sh stage's configuration vs its previous one (with dropout, 4 heads). Docs: benchmarks/README.md
 import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -13,23 +15,25 @@ from ad_dt import Args as ADArgs  # noqa: E402
 from ad_dt import load_histories, make_dataset  # noqa: E402
 from bench_layouts import make_model, train_step  # noqa: E402  (the same model and update as the layout benchmark)
 
-
 @dataclass
 class Args:
     seed: int = 1
     """seed of the models, the window sampling and dropout"""
     num_threads: int = 2
     """CPU threads for torch"""
-    histories_dir: str = "histories"
-    """directory written by `collect_histories.py` (the A2C histories, the original design's data); each configuration reads
-    it at its own pace (--history-len/--keep-every)"""
+    compare: Literal["original", "dynaq", "explorer"] = "original"
+    """"original": ad_dt.py's defaults vs the original design's configuration, on the A2C histories; "dynaq" / "explorer":
+    reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads), on its histories"""
+    histories_dir: str = ""
+    """directory written by `collect_histories.py`; default: `histories` (A2C, the original design's data),
+    `histories_dynaq` or `histories_explorer`, as reproduce.sh names them. Each configuration reads it at its own pace"""
     rounds: int = 4
     """timed rounds; each runs both configurations, in alternating order, so machine load hits both alike"""
-    default_updates: int = 120
-    """timed updates of the default configuration per round (~0.1 s each: about as long as one update of the original design's,
-    so that a burst of load is as likely to hit either)"""
-    original_updates: int = 1
-    """timed updates of the original design's configuration per round (~14 s each)"""
+    default_updates: Optional[int] = None
+    """timed updates of the first configuration per round; default 120 with --compare original (~0.1 s each: about as
+    long as one update of the original design's, so that a burst of load is as likely to hit either), else 20"""
+    original_updates: Optional[int] = None
+    """timed updates of the second configuration per round; default 1 with --compare original (~14 s each), else 20"""
     warmup_updates: int = 1
     """untimed updates of each configuration before the rounds"""
 
@@ -37,18 +41,28 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.num_threads)
-    configs = {
-        "default": ADArgs(),
-        # the original design's configuration, as benchmarks/README.md's `ad_dt.py --layout three --seq-len 256 ...` command writes it
-        "original": ADArgs(
-            layout="three", seq_len=256, history_len=800_000, keep_every=1,
-            embedding_dim=64, num_layers=4, num_heads=4, feed_forward_dim=2048,
-            attention_dropout=0.5, residual_dropout=0.1, embedding_dropout=0.0,
-            batch_size=32, learning_rate=3e-4, min_lr=2e-6, betas=(0.9, 0.99), clip_grad=1.0, num_updates=22_000,
-        ),
-    }
-    updates_per_round = {"default": args.default_updates, "original": args.original_updates}
-    tasks, histories = load_histories(args.histories_dir)
+    original = ADArgs(  # the original design's configuration, as benchmarks/README.md's `ad_dt.py --layout three ...` writes it
+        layout="three", seq_len=256, history_len=800_000, keep_every=1,
+        embedding_dim=64, num_layers=4, num_heads=4, feed_forward_dim=2048,
+        attention_dropout=0.5, residual_dropout=0.1, embedding_dropout=0.0,
+        batch_size=32, learning_rate=3e-4, min_lr=2e-6, betas=(0.9, 0.99), clip_grad=1.0, num_updates=22_000,
+    )
+    # reproduce.sh's AD stages (the flags that shape an update), then and now
+    dynaq = dict(seq_len=256, keep_every=1, history_len=None, prev_state=True, prev_next_state=True, state_embedding="rowcol")
+    explorer = dict(keep_every=1, history_len=None, prev_state=True)
+    configs, histories_dir = {
+        "original": ({"default": ADArgs(), "original": original}, "histories"),
+        "dynaq": ({"now": ADArgs(**dynaq, residual_dropout=0.0), "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
+        "explorer": ({"now": ADArgs(**explorer, residual_dropout=0.0, num_heads=2), "before": ADArgs(**explorer, residual_dropout=0.1)},
+                     "histories_explorer"),
+    }[args.compare]
+    first, second = configs
+    stage = args.compare != "original"
+    updates_per_round = {first: args.default_updates or (20 if stage else 120), second: args.original_updates or (20 if stage else 1)}
+    histories_dir = args.histories_dir or histories_dir
+    if not os.path.isfile(os.path.join(histories_dir, "tasks.json")):
+        raise SystemExit(f"error: --histories-dir {histories_dir} has no tasks.json; collect it first (benchmarks/README.md says how)")
+    tasks, histories = load_histories(histories_dir)
     env = tasks["env"]
     runs, tokens_per_update = {}, {}
     for name, c in configs.items():
@@ -89,10 +103,10 @@ if __name__ == "__main__":
         )
     # the fastest round of each is the one least slowed by other jobs: small updates suffer more from shared cores
     best = {name: min(times) for name, times in round_times.items()}
-    per_token = tokens_per_update['original'] / tokens_per_update["default"]
+    per_token, d = tokens_per_update[second] / tokens_per_update[first], 2 if stage else 1  # decimals: stages differ by tens of %
     print(
-        f"speedup: {s_per_update['original'] / s_per_update['default']:.1f}x per update, "
-        f"{s_per_update['original'] / s_per_update['default'] / per_token:.1f}x per token "
-        f"(fastest rounds: {best['original'] / best['default']:.1f}x, {best['original'] / best['default'] / per_token:.1f}x)",
+        f"speedup: {s_per_update[second] / s_per_update[first]:.{d}f}x per update, "
+        f"{s_per_update[second] / s_per_update[first] / per_token:.{d}f}x per token "
+        f"(fastest rounds: {best[second] / best[first]:.{d}f}x, {best[second] / best[first] / per_token:.{d}f}x)",
         flush=True,
     )
