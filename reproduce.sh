@@ -3,7 +3,7 @@
 #   Dyna-Q (a learning source)  : histories_dynaq/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
 #   explorer (scripted source)  : histories_explorer/  -> runs/ad_explorer__*/ -> results/ad_explorer/
 #   A2C (the original design's) : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/  (WITH_A2C=1 only)
-# `bash reproduce.sh` runs the first two (40 minutes on 2 CPU cores); `WITH_A2C=1 bash reproduce.sh` adds A2C
+# `bash reproduce.sh` runs the first two (39 minutes on 2 CPU cores); `WITH_A2C=1 bash reproduce.sh` adds A2C
 # (11 minutes more), the source AD does not learn to learn from (README.md, Results).
 # Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
 # and an evaluation newer than its checkpoint is kept.
