@@ -21,9 +21,11 @@ class Args:
     """seed of the models, the window sampling and dropout"""
     num_threads: int = 2
     """CPU threads for torch"""
-    compare: Literal["original", "dynaq", "explorer"] = "original"
+    compare: Literal["original", "dynaq", "explorer", "dynaq_paper", "explorer_paper"] = "original"
     """"original": ad_dt.py's defaults vs the original design's configuration, on the A2C histories; "dynaq" / "explorer":
-    reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads), on its histories"""
+    reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads), on its histories;
+    "dynaq_paper" / "explorer_paper": that stage's configuration vs the same with the AD paper's dropout (0.5 on the
+    attention weights, 0.1 on the residuals)"""
     histories_dir: str = ""
     """directory written by `collect_histories.py`; default: `histories` (A2C, the original design's data),
     `histories_dynaq` or `histories_explorer`, as reproduce.sh names them. Each configuration reads it at its own pace"""
@@ -50,11 +52,15 @@ if __name__ == "__main__":
     # reproduce.sh's AD stages (the flags that shape an update), then and now
     dynaq = dict(seq_len=256, keep_every=1, history_len=None, prev_state=True, prev_next_state=True, state_embedding="rowcol")
     explorer = dict(keep_every=1, history_len=None, prev_state=True)
+    paper = dict(attention_dropout=0.5, residual_dropout=0.1)  # the AD paper's, by a reproduction's config
     configs, histories_dir = {
         "original": ({"default": ADArgs(), "original": original}, "histories"),
         "dynaq": ({"now": ADArgs(**dynaq, residual_dropout=0.0), "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
         "explorer": ({"now": ADArgs(**explorer, residual_dropout=0.0, num_heads=2), "before": ADArgs(**explorer, residual_dropout=0.1)},
                      "histories_explorer"),
+        "dynaq_paper": ({"now": ADArgs(**dynaq, residual_dropout=0.0), "paper": ADArgs(**dynaq, **paper)}, "histories_dynaq"),
+        "explorer_paper": ({"now": ADArgs(**explorer, residual_dropout=0.0, num_heads=2), "paper": ADArgs(**explorer, **paper, num_heads=2)},
+                           "histories_explorer"),
     }[args.compare]
     first, second = configs
     stage = args.compare != "original"
