@@ -1,5 +1,5 @@
 # Training speed of ad_dt.py, two configurations side by side: our default update vs the original design's, or one
-# reproduce.sh stage's configuration vs its previous one (with dropout, 4 heads). Docs: benchmarks/README.md
+# reproduce.sh stage's configuration vs its previous one (dropout, 4 heads) or the AD paper's dropout. Docs: benchmarks/README.md
 import os
 import sys
 import time
@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ad_dt import Args as ADArgs  # noqa: E402
 from ad_dt import load_histories, make_dataset  # noqa: E402
 from bench_layouts import make_model, train_step  # noqa: E402  (the same model and update as the layout benchmark)
+
 
 @dataclass
 class Args:
@@ -31,11 +32,12 @@ class Args:
     `histories_dynaq` or `histories_explorer`, as reproduce.sh names them. Each configuration reads it at its own pace"""
     rounds: int = 4
     """timed rounds; each runs both configurations, in alternating order, so machine load hits both alike"""
-    default_updates: Optional[int] = None
+    first_updates: Optional[int] = None
     """timed updates of the first configuration per round; default 120 with --compare original (~0.1 s each: about as
     long as one update of the original design's, so that a burst of load is as likely to hit either), else 20"""
-    original_updates: Optional[int] = None
-    """timed updates of the second configuration per round; default 1 with --compare original (~14 s each), else 20"""
+    second_updates: Optional[int] = None
+    """timed updates of the second configuration per round; default 1 with --compare original (the original design's,
+    ~14 s each), else 20"""
     warmup_updates: int = 1
     """untimed updates of each configuration before the rounds"""
 
@@ -53,18 +55,17 @@ if __name__ == "__main__":
     dynaq = dict(seq_len=256, keep_every=1, history_len=None, prev_state=True, prev_next_state=True, state_embedding="rowcol")
     explorer = dict(keep_every=1, history_len=None, prev_state=True)
     paper = dict(attention_dropout=0.5, residual_dropout=0.1)  # the AD paper's, by a reproduction's config
+    dynaq_now, explorer_now = ADArgs(**dynaq, residual_dropout=0.0), ADArgs(**explorer, residual_dropout=0.0, num_heads=2)
     configs, histories_dir = {
         "original": ({"default": ADArgs(), "original": original}, "histories"),
-        "dynaq": ({"now": ADArgs(**dynaq, residual_dropout=0.0), "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
-        "explorer": ({"now": ADArgs(**explorer, residual_dropout=0.0, num_heads=2), "before": ADArgs(**explorer, residual_dropout=0.1)},
-                     "histories_explorer"),
-        "dynaq_paper": ({"now": ADArgs(**dynaq, residual_dropout=0.0), "paper": ADArgs(**dynaq, **paper)}, "histories_dynaq"),
-        "explorer_paper": ({"now": ADArgs(**explorer, residual_dropout=0.0, num_heads=2), "paper": ADArgs(**explorer, **paper, num_heads=2)},
-                           "histories_explorer"),
+        "dynaq": ({"now": dynaq_now, "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
+        "explorer": ({"now": explorer_now, "before": ADArgs(**explorer, residual_dropout=0.1)}, "histories_explorer"),
+        "dynaq_paper": ({"now": dynaq_now, "paper": ADArgs(**dynaq, **paper)}, "histories_dynaq"),
+        "explorer_paper": ({"now": explorer_now, "paper": ADArgs(**explorer, **paper, num_heads=2)}, "histories_explorer"),
     }[args.compare]
     first, second = configs
     stage = args.compare != "original"
-    updates_per_round = {first: args.default_updates or (20 if stage else 120), second: args.original_updates or (20 if stage else 1)}
+    updates_per_round = {first: args.first_updates or (20 if stage else 120), second: args.second_updates or (20 if stage else 1)}
     histories_dir = args.histories_dir or histories_dir
     if not os.path.isfile(os.path.join(histories_dir, "tasks.json")):
         raise SystemExit(f"error: --histories-dir {histories_dir} has no tasks.json; collect it first (benchmarks/README.md says how)")
