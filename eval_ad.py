@@ -280,6 +280,23 @@ def diagnose(returns):
     }
 
 
+def success_by_context(returns, timesteps, seq_len):
+    """Success after the first success, split by what the context holds: the success of the episodes after an
+    env's first success that start within its first seq_len steps (the context still holds the whole run from its
+    empty start, as a training window over a window-long stream does) and of those that start later
+    (evaluate_in_context has cut the context to its most recent half, which starts mid-run).
+    returns [envs, episodes]; timesteps [envs, steps]."""
+    counts = {"first_context": [0, 0], "after_cut": [0, 0]}  # [episodes, successes]
+    for env_successes, env_timesteps in zip(returns > 0, timesteps):
+        starts = np.flatnonzero(env_timesteps == 0)[: len(env_successes)]  # the step each episode starts at
+        after_success = np.cumsum(env_successes) - env_successes > 0  # an earlier episode succeeded
+        for part, where in (("first_context", starts < seq_len), ("after_cut", starts >= seq_len)):
+            counts[part][0] += int((after_success & where).sum())
+            counts[part][1] += int((env_successes & after_success & where).sum())
+    return {"seq_len": seq_len, **{part: (wins / n if n else None) for part, (n, wins) in counts.items()},
+            **{f"{part}_episodes": n for part, (n, _) in counts.items()}}
+
+
 def first_reaching(mean, target):
     """1-based index of the first entry of `mean` >= target, or None."""
     hits = np.flatnonzero(np.asarray(mean) >= target - 1e-9)
@@ -436,6 +453,11 @@ def report(results, args, out_dir):
                                     fmt(d["success_after_success"]), fmt(d["first_success_episode"]), fmt(d["never_succeeded"])])
     header = ["method (goals)", "success ep. 1", "success ep. 11-20", "success after success", "first success (mean ep.)", "never succeeded"]
     print(f"\nover {episodes} episodes:\n\n" + markdown_table(header, diagnostic_rows))
+    print()
+    for part, d in results["diagnostics"]["ad_success_by_context"].items():
+        print(f"AD's success after its first success, {part.replace('_', ' ')}: {fmt(d['first_context'])} in the episodes that "
+              f"start in its first {d['seq_len']} steps (the context holds the whole run), {fmt(d['after_cut'])} in later "
+              f"ones (the context cut to its recent half); {d['first_context_episodes']} / {d['after_cut_episodes']} episodes")
     loss = results["diagnostics"]["teacher_forced_loss"]
     if loss is not None:
         print(f"\nteacher-forced action loss (nats, {loss['windows']} windows of {loss['seq_len']}): held-out histories "
@@ -554,6 +576,8 @@ if __name__ == "__main__":
             "teacher_forced_loss": loss,
             "fidelity_to_source": fidelity(summaries["held_out"], source),
             "episode_reaching_90pct_of_optimal": {},
+            "ad_success_by_context": {part: success_by_context(result["returns"], result["timesteps"], model.config.seq_len)
+                                      for part, result in trajectories.items()},
         },
         "notes": notes,
         "timings": timings,

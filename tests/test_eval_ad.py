@@ -128,6 +128,9 @@ def test_results_json_has_the_documented_keys_and_shapes(evaluated, checkpoints)
     loss = diagnostics["teacher_forced_loss"]
     assert loss["held_out"] > 0 and loss["train"] > 0 and loss["windows"] == 8 and loss["keep_every"] == 1
     assert diagnostics["episode_reaching_90pct_of_optimal"]["optimal"] == 1
+    by_context = diagnostics["ad_success_by_context"]  # (its arithmetic: test_success_by_context_splits_at_the_first_cut)
+    assert set(by_context) == {"held_out", "train_goals"} and by_context["held_out"]["seq_len"] == results["checkpoint"]["model_config"]["seq_len"]
+    assert by_context["held_out"]["first_context_episodes"] + by_context["held_out"]["after_cut_episodes"] > 0
     # fidelity: AD's success minus its source's from scratch, per episode, for whatever the source is (here noise)
     ad, source = (np.array(results["methods"][name]["success_by_episode"]["mean"]) for name in ("ad", "noise"))
     np.testing.assert_allclose(diagnostics["fidelity_to_source"], ad - source)
@@ -283,6 +286,18 @@ def test_diagnose_counts_exploitation_and_first_success():
     mine = eval_ad.diagnose(returns)
     for key in ("success_after_success", "first_success_episode", "never_succeeded", "success_rate"):
         assert mine[key] == theirs[key], key
+
+
+def test_success_by_context_splits_at_the_first_cut():
+    # env 0: episodes of 3, 2, 2, 2 steps start at steps 0, 3, 5, 7; env 1 never succeeds, so it counts nowhere
+    timesteps = np.array([[0, 1, 2, 0, 1, 0, 1, 0, 1], [0, 1, 2, 3, 0, 1, 0, 1, 0]])
+    returns = np.array([[1, 0, 1, 1], [0, 0, 0, 0]], dtype=np.float32)
+    d = eval_ad.success_by_context(returns, timesteps, seq_len=5)
+    # after env 0's first success: episode 2 starts at step 3 (< 5, fails), episodes 3 and 4 at steps 5 and 7 (succeed)
+    assert d == {"seq_len": 5, "first_context": 0.0, "after_cut": 1.0, "first_context_episodes": 1, "after_cut_episodes": 2}
+    # a context longer than the run was never cut: nothing to say about cut contexts (None, not 0)
+    d = eval_ad.success_by_context(returns, timesteps, seq_len=100)
+    assert d["first_context"] == pytest.approx(2 / 3) and d["after_cut"] is None and d["after_cut_episodes"] == 0
 
 
 def test_source_episodes_cut_streams_into_whole_episodes():
