@@ -519,22 +519,26 @@ def make_envs(goals, env, seed=0):
 
 # in-context evaluation: many goals at once, from an empty context, with the KV cache
 @torch.no_grad()
-def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False, seed=0, use_cache=True, temperature=1.0):
+def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False, seed=0, use_cache=True, temperature=1.0,
+                        keep=None):
     """Run len(goals) x num_seeds envs in lockstep for num_episodes whole episodes each, from an empty context.
 
     Per step only the new transition's tokens go through the model (use_cache=False recomputes the whole
     window instead: same logits, for benchmarks and tests). When the context holds seq_len transitions,
-    it drops to its most recent seq_len // 2 (the new one included) and those are re-prefilled, so every
-    action's logits are those of a plain forward pass over exactly the transitions in the context.
+    it drops to its most recent `keep` (default seq_len // 2; the new one included) and those are re-prefilled, so
+    every action's logits are those of a plain forward pass over exactly the transitions in the context.
     env: tasks.json's env (see make_envs). Env i has goal goals[i // num_seeds]. Actions are sampled
     from softmax(logits / temperature), or the argmax with greedy.
     Returns numpy arrays: returns, successes, lengths [envs, num_episodes]; the trajectory states, actions,
     rewards, next_states (where each action led, before any reset), timesteps [envs, steps] and logits
     [envs, steps, NUM_ACTIONS]; goals [envs, 2].
     """
+    device, L = model.action_head.weight.device, model.config.seq_len
+    keep = L // 2 if keep is None else keep
+    if not 1 <= keep < L:
+        raise ValueError(f"keep must be in 1..{L - 1} (seq_len - 1), got {keep}")
     was_training = model.training
     model.eval()
-    device, L = model.action_head.weight.device, model.config.seq_len
     k = model.config.tokens_per_transition
     goals = np.repeat(np.asarray(goals, dtype=np.int64).reshape(-1, 2), num_seeds, axis=0)
     N = len(goals)
@@ -553,9 +557,9 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     try:
         while episode.min() < num_episodes:
             new = n  # first context slot that the model has not seen
-            if n == L:  # full: keep the most recent half, the new transition included, and re-prefill it
-                context[:, :, : L // 2 - 1] = context[:, :, n - (L // 2 - 1) : n].clone()
-                n, new = L // 2 - 1, 0
+            if n == L:  # full: keep the most recent `keep`, the new transition included, and re-prefill them
+                context[:, :, : keep - 1] = context[:, :, n - (keep - 1) : n].clone()
+                n, new = keep - 1, 0
             transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state, prev_state])  # [6, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1

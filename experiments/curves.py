@@ -32,6 +32,7 @@ def summary(path):
         "exploit_rate": results["diagnostics"]["held_out"]["ad"]["success_after_success"],
         "train_goals_success": [round(x, 4) for x in train["success_by_episode"]["mean"]] if train else None,
         "loss_held_out_train": [loss.get("held_out"), loss.get("train")],
+        "success_by_context": results["diagnostics"].get("ad_success_by_context"),  # None in files older than it
     }
 
 

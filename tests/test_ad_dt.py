@@ -236,24 +236,26 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 # evaluation
-@pytest.mark.parametrize("layout, state_embedding, prev_next_state, prev_state", [
-    ("one", "cell", False, False), ("three", "cell", False, True), ("one", "rowcol", True, True), ("three", "rowcol", True, False)])
-def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state, prev_state):
+@pytest.mark.parametrize("layout, state_embedding, prev_next_state, prev_state, keep", [
+    ("one", "cell", False, False, None), ("three", "cell", False, True, 3), ("one", "rowcol", True, True, None),
+    ("three", "rowcol", True, False, 7)])
+def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state, prev_state, keep):
     seq_len = 8
     model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state, prev_state=prev_state)
     # goals next to the start: the random policy ends episodes early, at different steps in different envs
     goals = [[3, 4], [4, 5], [5, 4], [4, 3], [0, 0]]
-    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3)
+    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, keep=keep)
     steps = result["states"].shape[1]
     assert steps > 2 * seq_len  # several re-prefills
     ends = [set(np.flatnonzero(result["timesteps"][i, 1:] == 0)) for i in range(len(result["states"]))]
     assert len({frozenset(e) for e in ends}) > 3 and result["successes"].any()
 
-    # the documented context rule, computed here from scratch: it grows to seq_len, then drops to the last seq_len // 2
+    # the documented context rule, computed here from scratch: it grows to seq_len, then drops to the last `keep`
+    # (default seq_len // 2)
     n, max_abs_error = 0, 0.0
     rows = np.arange(len(result["states"]))
     for t in range(steps):
-        n = seq_len // 2 if n == seq_len else n + 1
+        n = (keep or seq_len // 2) if n == seq_len else n + 1
         with torch.no_grad():
             expected = model(*stream_inputs(result, rows, np.arange(t - n + 1, t + 1)))[:, -1]
         torch.testing.assert_close(torch.as_tensor(result["logits"][:, t]), expected, atol=1e-5, rtol=0)
@@ -265,9 +267,13 @@ def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, stat
     assert max_abs_error > 1e-2
 
     # recomputing the window every step (the benchmark's baseline) takes the same actions
-    recomputed = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, use_cache=False)
+    recomputed = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, use_cache=False, keep=keep)
     np.testing.assert_array_equal(recomputed["actions"], result["actions"])
     np.testing.assert_allclose(recomputed["logits"], result["logits"], atol=1e-5, rtol=0)
+    # a context cannot keep all of itself (it would never make room) or nothing
+    for bad in (0, seq_len):
+        with pytest.raises(ValueError, match="keep must be in 1..7"):
+            ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=1, num_episodes=1, keep=bad)
 
 
 def test_evaluation_follows_the_env_and_counts_whole_episodes():

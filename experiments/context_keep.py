@@ -1,0 +1,53 @@
+# How much of its context should AD keep when the context is full? Docs: experiments/README.md
+#   .venv/bin/python experiments/context_keep.py runs/ad_dynaq__*/ad_dt_003600.pt 64,96,128,192,240 [--save experiments/context_keep.json]
+# (each value: the held-out and the training goals, 4 envs each, 100 episodes, sampled actions; 1-2 min on one core)
+# evaluate_in_context drops a full context to its most recent seq_len // 2 transitions. Every training window of
+# reproduce.sh's stages is a whole stream from its empty start, so any context after the first cut is one the model
+# never trained on, however much of it is kept. This evaluates one checkpoint with other amounts kept, as eval_ad.py
+# would (the same seed, so the first seq_len steps are the same in every row), and prints success over episodes
+# 11-20, 41-50 and all of them, and the success after the first success before and after the first cut.
+# --save adds the rows to the JSON file, replacing older rows of the same checkpoint and amount, keeping the rest.
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import ad_dt  # noqa: E402
+import eval_ad  # noqa: E402
+
+SEEDS, EPISODES, SEED = 4, 100, 1  # eval_ad.py's defaults
+
+if __name__ == "__main__":
+    saved = sys.argv.index("--save") + 1 if "--save" in sys.argv else None
+    args = [a for i, a in enumerate(sys.argv[1:], 1) if a != "--save" and i != saved]
+    if len(args) != 2:
+        raise SystemExit("usage: experiments/context_keep.py CHECKPOINT KEEP[,KEEP...] [--save FILE.json]")
+    checkpoint_path, keeps = args[0], [int(k) for k in args[1].split(",")]
+    torch.set_num_threads(1)
+    torch.manual_seed(SEED)
+    model, checkpoint = ad_dt.load_checkpoint(checkpoint_path, torch.device("cpu"))
+    tasks, seq_len = checkpoint["tasks"], model.config.seq_len
+    rows = []
+    for keep in keeps:
+        row = {"checkpoint": checkpoint_path, "seq_len": seq_len, "keep": keep}
+        for part, goals in (("held_out", tasks["test"]), ("train_goals", tasks["train"])):
+            result = ad_dt.evaluate_in_context(model, goals, tasks["env"], SEEDS, EPISODES, seed=SEED, keep=keep)
+            success = result["successes"].mean(0)
+            row[part] = {"success_11_20": float(success[10:20].mean()), "success_41_50": float(success[40:50].mean()),
+                         "success_all": float(success.mean()),
+                         "by_context": eval_ad.success_by_context(result["returns"], result["timesteps"], seq_len)}
+            c = row[part]["by_context"]
+            print(f"keep {keep} of {seq_len}, {part}: success 11-20 {success[10:20].mean():.3f}, 41-50 {success[40:50].mean():.3f}, "
+                  f"all {success.mean():.3f}; after the first success {c['first_context']:.3f} before the first cut, "
+                  f"{c['after_cut']:.3f} after it", flush=True)
+        rows.append(row)
+    if saved:
+        out = Path(sys.argv[saved])
+        kept = [r for r in (json.loads(out.read_text()) if out.exists() else [])
+                if (r["checkpoint"], r["keep"]) not in {(checkpoint_path, k) for k in keeps}]
+        out.write_text(json.dumps(kept + rows, indent=1))
+        print(f"saved {out}")
