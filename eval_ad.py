@@ -281,11 +281,11 @@ def diagnose(returns):
 
 
 def success_by_context(returns, timesteps, seq_len):
-    """Success after the first success, split by what the context holds: the success of the episodes after an
-    env's first success that start within its first seq_len steps (the context still holds the whole run from its
-    empty start, as a training window over a window-long stream does) and of those that start later
-    (evaluate_in_context has cut the context to its most recent half, which starts mid-run).
-    returns [envs, episodes]; timesteps [envs, steps]."""
+    """Success after the first success, split at the first cut of the context: the success of the episodes after
+    an env's first success that start within its first seq_len steps (they start while the context holds the whole
+    run from its empty start, as a training window over a window-long stream does; the one that spans the cut
+    counts here) and of those that start later (evaluate_in_context has cut the context to its most recent
+    transitions, which start mid-run). returns [envs, episodes]; timesteps [envs, steps]."""
     counts = {"first_context": [0, 0], "after_cut": [0, 0]}  # [episodes, successes]
     for env_successes, env_timesteps in zip(returns > 0, timesteps):
         starts = np.flatnonzero(env_timesteps == 0)[: len(env_successes)]  # the step each episode starts at
@@ -456,8 +456,8 @@ def report(results, args, out_dir):
     print()
     for part, d in results["diagnostics"]["ad_success_by_context"].items():
         print(f"AD's success after its first success, {part.replace('_', ' ')}: {fmt(d['first_context'])} in the episodes that "
-              f"start in its first {d['seq_len']} steps (the context holds the whole run), {fmt(d['after_cut'])} in later "
-              f"ones (the context cut to its recent half); {d['first_context_episodes']} / {d['after_cut_episodes']} episodes")
+              f"start in its first {d['seq_len']} steps (while the context holds the whole run), {fmt(d['after_cut'])} in "
+              f"later ones (the context cut); {d['first_context_episodes']} / {d['after_cut_episodes']} episodes")
     loss = results["diagnostics"]["teacher_forced_loss"]
     if loss is not None:
         print(f"\nteacher-forced action loss (nats, {loss['windows']} windows of {loss['seq_len']}): held-out histories "

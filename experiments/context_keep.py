@@ -1,6 +1,6 @@
 # How much of its context should AD keep when the context is full? Docs: experiments/README.md
 #   .venv/bin/python experiments/context_keep.py runs/ad_dynaq__*/ad_dt_003600.pt 64,96,128,192,240 [--save experiments/context_keep.json]
-# (each value: the held-out and the training goals, 4 envs each, 100 episodes, sampled actions; 1-2 min on one core)
+# (each value: the held-out and the training goals, 4 seeds per goal, 100 episodes, sampled actions; 1-2 min on one core)
 # evaluate_in_context drops a full context to its most recent seq_len // 2 transitions. Every training window of
 # reproduce.sh's stages is a whole stream from its empty start, so any context after the first cut is one the model
 # never trained on, however much of it is kept. This evaluates one checkpoint with other amounts kept, as eval_ad.py
@@ -22,15 +22,23 @@ import eval_ad  # noqa: E402
 SEEDS, EPISODES, SEED = 4, 100, 1  # eval_ad.py's defaults
 
 if __name__ == "__main__":
+    usage = "usage: experiments/context_keep.py CHECKPOINT KEEP[,KEEP...] [--save FILE.json]"
     saved = sys.argv.index("--save") + 1 if "--save" in sys.argv else None
     args = [a for i, a in enumerate(sys.argv[1:], 1) if a != "--save" and i != saved]
-    if len(args) != 2:
-        raise SystemExit("usage: experiments/context_keep.py CHECKPOINT KEEP[,KEEP...] [--save FILE.json]")
-    checkpoint_path, keeps = args[0], [int(k) for k in args[1].split(",")]
+    if len(args) != 2 or saved == len(sys.argv):
+        raise SystemExit(usage)
+    checkpoint_path = args[0]
+    try:
+        keeps = [int(k) for k in args[1].split(",")]
+    except ValueError:
+        raise SystemExit(f"error: KEEP must be whole numbers of transitions separated by commas, got {args[1]}")
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
     model, checkpoint = ad_dt.load_checkpoint(checkpoint_path, torch.device("cpu"))
     tasks, seq_len = checkpoint["tasks"], model.config.seq_len
+    if not all(1 <= k < seq_len for k in keeps):  # before minutes of evaluation
+        raise SystemExit(f"error: every KEEP must be in 1..{seq_len - 1} (this model's seq_len - 1), got {args[1]}")
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731 (None: no such episode)
     rows = []
     for keep in keeps:
         row = {"checkpoint": checkpoint_path, "seq_len": seq_len, "keep": keep}
@@ -42,8 +50,8 @@ if __name__ == "__main__":
                          "by_context": eval_ad.success_by_context(result["returns"], result["timesteps"], seq_len)}
             c = row[part]["by_context"]
             print(f"keep {keep} of {seq_len}, {part}: success 11-20 {success[10:20].mean():.3f}, 41-50 {success[40:50].mean():.3f}, "
-                  f"all {success.mean():.3f}; after the first success {c['first_context']:.3f} before the first cut, "
-                  f"{c['after_cut']:.3f} after it", flush=True)
+                  f"all {success.mean():.3f}; after the first success {fmt(c['first_context'])} before the first cut, "
+                  f"{fmt(c['after_cut'])} after it", flush=True)
         rows.append(row)
     if saved:
         out = Path(sys.argv[saved])

@@ -270,10 +270,14 @@ def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, stat
     recomputed = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, use_cache=False, keep=keep)
     np.testing.assert_array_equal(recomputed["actions"], result["actions"])
     np.testing.assert_allclose(recomputed["logits"], result["logits"], atol=1e-5, rtol=0)
-    # a context cannot keep all of itself (it would never make room) or nothing
-    for bad in (0, seq_len):
+
+
+def test_evaluation_rejects_a_context_that_keeps_all_or_nothing():
+    # keeping all of a full context would never make room for the next transition; keeping none, not even that one
+    model = make_model("one", 8)
+    for bad in (0, 8):
         with pytest.raises(ValueError, match="keep must be in 1..7"):
-            ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=1, num_episodes=1, keep=bad)
+            ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, keep=bad)
 
 
 def test_evaluation_follows_the_env_and_counts_whole_episodes():
