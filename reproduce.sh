@@ -49,9 +49,10 @@ ad_and_eval ad_dynaq histories_dynaq --seq-len 256 --keep-every 1 --history-len 
 stage "3/$N explorer histories: 1000 short learners per task -> histories_explorer/"
 "$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all --histories-dir histories_explorer
 stage "4/$N AD on the explorer histories (each token shows the pair tried, as for Dyna-Q) + evaluation"
-# no dropout and 2 heads: 1.28x faster per update on the CPU, which buys 4500 updates (the explorer's AD needs the tokens)
+# no dropout, 2 heads and 3 layers: each makes an update cheaper, which buys 6000 updates (the explorer's AD needs the tokens,
+# not the depth; Dyna-Q's needs its 4 layers: experiments/README.md, "Training budget")
 ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --prev-state --residual-dropout 0 --num-heads 2 \
-  --num-updates 4500 --eval-every 2250
+  --num-layers 3 --num-updates 6000 --eval-every 3000
 if [ "$WITH_A2C" = 1 ]; then
   stage "5/$N A2C learning histories of all 80 tasks, trained as far as the histories keep (800k env steps) -> histories/"
   # the original design trains 2.5M steps but keeps the first 800k; the steps after them change no history (tested)

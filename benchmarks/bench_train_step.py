@@ -22,9 +22,10 @@ class Args:
     """seed of the models, the window sampling and dropout"""
     num_threads: int = 2
     """CPU threads for torch"""
-    compare: Literal["original", "dynaq", "explorer", "dynaq_paper", "explorer_paper"] = "original"
+    compare: Literal["original", "dynaq", "explorer", "explorer_depth", "dynaq_paper", "explorer_paper"] = "original"
     """"original": ad_dt.py's defaults vs the original design's configuration, on the A2C histories; "dynaq" / "explorer":
-    reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads), on its histories;
+    reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads, 4 layers), on its
+    histories; "explorer_depth": the explorer stage's configuration (3 layers) vs the same with 4 layers;
     "dynaq_paper" / "explorer_paper": that stage's configuration vs the same with the AD paper's dropout (0.5 on the
     attention weights, 0.1 on the residuals)"""
     histories_dir: str = ""
@@ -55,13 +56,15 @@ if __name__ == "__main__":
     dynaq = dict(seq_len=256, keep_every=1, history_len=None, prev_state=True, prev_next_state=True, state_embedding="rowcol")
     explorer = dict(keep_every=1, history_len=None, prev_state=True)
     paper = dict(attention_dropout=0.5, residual_dropout=0.1)  # the AD paper's, by a reproduction's config
-    dynaq_now, explorer_now = ADArgs(**dynaq, residual_dropout=0.0), ADArgs(**explorer, residual_dropout=0.0, num_heads=2)
+    explorer_now = dict(explorer, residual_dropout=0.0, num_heads=2, num_layers=3)
+    dynaq_now = ADArgs(**dynaq, residual_dropout=0.0)
     configs, histories_dir = {
         "original": ({"default": ADArgs(), "original": original}, "histories"),
         "dynaq": ({"now": dynaq_now, "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
-        "explorer": ({"now": explorer_now, "before": ADArgs(**explorer, residual_dropout=0.1)}, "histories_explorer"),
+        "explorer": ({"now": ADArgs(**explorer_now), "before": ADArgs(**explorer, residual_dropout=0.1)}, "histories_explorer"),
+        "explorer_depth": ({"now": ADArgs(**explorer_now), "4layers": ADArgs(**{**explorer_now, "num_layers": 4})}, "histories_explorer"),
         "dynaq_paper": ({"now": dynaq_now, "paper": ADArgs(**dynaq, **paper)}, "histories_dynaq"),
-        "explorer_paper": ({"now": explorer_now, "paper": ADArgs(**explorer, **paper, num_heads=2)}, "histories_explorer"),
+        "explorer_paper": ({"now": ADArgs(**explorer_now), "paper": ADArgs(**{**explorer_now, **paper})}, "histories_explorer"),
     }[args.compare]
     first, second = configs
     stage = args.compare != "original"
