@@ -22,10 +22,11 @@ class Args:
     """seed of the models, the window sampling and dropout"""
     num_threads: int = 2
     """CPU threads for torch"""
-    compare: Literal["original", "dynaq", "explorer", "explorer_depth", "dynaq_paper", "explorer_paper"] = "original"
+    compare: Literal["original", "dynaq", "explorer", "dynaq_depth", "explorer_depth", "dynaq_paper", "explorer_paper"] = "original"
     """"original": ad_dt.py's defaults vs the original design's configuration, on the A2C histories; "dynaq" / "explorer":
     reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads, 4 layers), on its
-    histories; "explorer_depth": the explorer stage's configuration (3 layers) vs the same with 4 layers;
+    histories; "dynaq_depth" / "explorer_depth": that stage's configuration with 3 layers vs with 4 (the explorer's now has 3,
+    the Dyna-Q stage's 4);
     "dynaq_paper" / "explorer_paper": that stage's configuration vs the same with the AD paper's dropout (0.5 on the
     attention weights, 0.1 on the residuals)"""
     histories_dir: str = ""
@@ -62,7 +63,8 @@ if __name__ == "__main__":
         "original": ({"default": ADArgs(), "original": original}, "histories"),
         "dynaq": ({"now": dynaq_now, "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
         "explorer": ({"now": ADArgs(**explorer_now), "before": ADArgs(**explorer, residual_dropout=0.1)}, "histories_explorer"),
-        "explorer_depth": ({"now": ADArgs(**explorer_now), "4layers": ADArgs(**{**explorer_now, "num_layers": 4})}, "histories_explorer"),
+        "dynaq_depth": ({"3layers": ADArgs(**dynaq, residual_dropout=0.0, num_layers=3), "4layers": dynaq_now}, "histories_dynaq"),
+        "explorer_depth": ({"3layers": ADArgs(**explorer_now), "4layers": ADArgs(**{**explorer_now, "num_layers": 4})}, "histories_explorer"),
         "dynaq_paper": ({"now": dynaq_now, "paper": ADArgs(**dynaq, **paper)}, "histories_dynaq"),
         "explorer_paper": ({"now": ADArgs(**explorer_now), "paper": ADArgs(**{**explorer_now, **paper})}, "histories_explorer"),
     }[args.compare]
