@@ -57,15 +57,14 @@ if __name__ == "__main__":
     dynaq = dict(seq_len=256, keep_every=1, history_len=None, prev_state=True, prev_next_state=True, state_embedding="rowcol")
     explorer = dict(keep_every=1, history_len=None, prev_state=True)
     paper = dict(attention_dropout=0.5, residual_dropout=0.1)  # the AD paper's, by a reproduction's config
-    explorer_now = dict(explorer, residual_dropout=0.0, num_heads=2, num_layers=3)
-    dynaq_now = ADArgs(**dynaq, residual_dropout=0.0)
+    dynaq_now, explorer_now = dict(dynaq, residual_dropout=0.0), dict(explorer, residual_dropout=0.0, num_heads=2, num_layers=3)
     configs, histories_dir = {
         "original": ({"default": ADArgs(), "original": original}, "histories"),
-        "dynaq": ({"now": dynaq_now, "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
+        "dynaq": ({"now": ADArgs(**dynaq_now), "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
         "explorer": ({"now": ADArgs(**explorer_now), "before": ADArgs(**explorer, residual_dropout=0.1)}, "histories_explorer"),
-        "dynaq_depth": ({"3layers": ADArgs(**dynaq, residual_dropout=0.0, num_layers=3), "4layers": dynaq_now}, "histories_dynaq"),
+        "dynaq_depth": ({"3layers": ADArgs(**{**dynaq_now, "num_layers": 3}), "4layers": ADArgs(**dynaq_now)}, "histories_dynaq"),
         "explorer_depth": ({"3layers": ADArgs(**explorer_now), "4layers": ADArgs(**{**explorer_now, "num_layers": 4})}, "histories_explorer"),
-        "dynaq_paper": ({"now": dynaq_now, "paper": ADArgs(**dynaq, **paper)}, "histories_dynaq"),
+        "dynaq_paper": ({"now": ADArgs(**dynaq_now), "paper": ADArgs(**{**dynaq_now, **paper})}, "histories_dynaq"),
         "explorer_paper": ({"now": ADArgs(**explorer_now), "paper": ADArgs(**{**explorer_now, **paper})}, "histories_explorer"),
     }[args.compare]
     first, second = configs
