@@ -114,16 +114,25 @@ class Args:
     """`dynaq`: probability of a random action at each step (optimism alone drives the exploration)"""
 
     # Algorithm (defaults: the seed's hyperparameters, as in a2c_darkroom.py)
+    agents_per_goal: int = 1
+    """`a2c`: independent agents per goal, each from its own seed; a goal's history holds all their streams"""
     num_envs: int = 10
-    """number of parallel envs per agent (= streams per history)"""
+    """number of parallel envs per agent (streams per history: agents_per_goal * num_envs)"""
     num_steps: int = 10
     """rollout length per env between updates (the n of the n-step returns)"""
+    update_epochs: int = 1
+    """A2C updates per rollout: each recomputes the returns and the loss on the same rollout with the updated network"""
+    optimizer: Literal["adam", "rmsprop", "sgd"] = "adam"
+    """the optimizer of every agent (each elementwise: one over the stacked agents = one per agent)"""
     total_timesteps: int = 2_500_000
     """env steps per agent over all its envs (training goes on after the history is cut)"""
     learning_rate: float = 1e-4
-    """Adam learning rate"""
+    """learning rate of the optimizer"""
     adam_eps: float = 1e-6
-    """Adam epsilon"""
+    """epsilon of Adam and RMSprop"""
+    critic_init_std: float = 1.0
+    """gain of the critic's orthogonal init (the seed's: 1). 0 starts every value at 0, so until a reward is found
+    the advantages are 0 and the policy is not pushed by the noise of a random critic"""
     hidden_size: int = 128
     """size of the shared state embedding"""
     gamma: float = 0.9
@@ -154,7 +163,7 @@ def check_args(args: Args) -> None:
         if not ok:
             raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
-    for name in ["size", "max_episode_steps", "num_envs", "num_steps", "total_timesteps", "hidden_size",
+    for name in ["size", "max_episode_steps", "agents_per_goal", "num_envs", "num_steps", "update_epochs", "total_timesteps", "hidden_size",
                  "history_len", "log_every", "num_threads", "noise_episodes", "dynaq_sweeps"]:
         need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")
     need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
@@ -162,6 +171,8 @@ def check_args(args: Args) -> None:
     need(args.split_seed >= 0, "split-seed", "at least 0")
     need(math.isfinite(args.learning_rate) and args.learning_rate > 0, "learning-rate", "positive")
     need(math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
+    need(math.isfinite(args.critic_init_std) and args.critic_init_std >= 0, "critic-init-std", "at least 0")
+    need(args.source == "a2c" or args.agents_per_goal == 1, "agents-per-goal", "1 for a per-stream source (its --num-envs streams are the learners)")
     need(0 <= args.gamma <= 1, "gamma", "in [0, 1]")
     need(0 <= args.dynaq_gamma <= 1, "dynaq-gamma", "in [0, 1]")
     need(math.isfinite(args.dynaq_q0), "dynaq-q0", "finite")
@@ -214,11 +225,11 @@ def check_memory(args: Args, num_agents: int) -> None:
     float32; scripted: visited cells and three float64 arrays of (env, state) per step; dynaq: the model and Q of
     every (env, action, state), and the planning's copies of them for the streams it sweeps).
     """
-    N, S = num_agents * args.num_envs, args.size * args.size
+    N, S = num_agents * args.agents_per_goal * args.num_envs, args.size * args.size
     histories = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N
     rollout = args.num_steps * N * 128
     if args.source == "a2c":
-        learners = num_agents * (args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1) * 4 * 4
+        learners = num_agents * args.agents_per_goal * (args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1) * 4 * 4
     elif args.source == "dynaq":
         learners = N * S * NUM_ACTIONS * 40
     else:
@@ -500,7 +511,7 @@ def layer_init(layer: nn.Linear, std: float) -> nn.Linear:
     return layer
 
 
-def init_agent_params(seed: int, num_states: int, num_actions: int, hidden_size: int):
+def init_agent_params(seed: int, num_states: int, num_actions: int, hidden_size: int, critic_std: float = 1.0):
     """One agent's weights, drawn exactly as a2c_darkroom.py's `Agent` draws them after `torch.manual_seed(seed)`.
 
     Returns the embedding transposed (H, S), actor weight (K, H) and bias (K,), critic weight (1, H) and bias (1,).
@@ -510,7 +521,7 @@ def init_agent_params(seed: int, num_states: int, num_actions: int, hidden_size:
         embedding = nn.Embedding(num_states, hidden_size)
         # small actor init: the first policy is near uniform, so the first histories explore
         actor = layer_init(nn.Linear(hidden_size, num_actions), std=0.01)
-        critic = layer_init(nn.Linear(hidden_size, 1), std=1.0)
+        critic = layer_init(nn.Linear(hidden_size, 1), std=critic_std)
     return embedding.weight.data.T, actor.weight.data, actor.bias.data, critic.weight.data, critic.bias.data
 
 
@@ -522,9 +533,10 @@ class BatchedAgent(nn.Module):
     forward and backward matmuls run about twice as fast on a CPU as with (A, S, H).
     """
 
-    def __init__(self, seeds: List[int], num_states: int, num_actions: int = NUM_ACTIONS, hidden_size: int = 128):
+    def __init__(self, seeds: List[int], num_states: int, num_actions: int = NUM_ACTIONS, hidden_size: int = 128,
+                 critic_std: float = 1.0):
         super().__init__()
-        params = [init_agent_params(seed, num_states, num_actions, hidden_size) for seed in seeds]
+        params = [init_agent_params(seed, num_states, num_actions, hidden_size, critic_std) for seed in seeds]
         stack = lambda i: nn.Parameter(torch.stack([p[i] for p in params]).contiguous())
         self.embedding = stack(0)  # (A, H, S)
         self.actor_weight, self.actor_bias = stack(1), stack(2)  # (A, K, H), (A, K)
@@ -596,10 +608,21 @@ def a2c_update(agent: BatchedAgent, optimizer: optim.Optimizer, logits, values, 
     return pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), grad_norm
 
 
-def agent_seeds(seed: int, goal: Tuple[int, int], size: int) -> Tuple[int, np.random.Generator, np.random.Generator]:
-    """The torch seed (weights) and numpy generators (actions; random starts of its envs) of the agent of `goal`: they
-    depend on --seed and the goal only, so a history does not change with the other tasks collected beside it."""
-    torch_seq, numpy_seq, start_seq = np.random.SeedSequence([seed, goal[0] * size + goal[1]]).spawn(3)
+def make_optimizer(args: Args, parameters) -> optim.Optimizer:
+    """--optimizer over the stacked agents. Each is elementwise, so each agent's step is its own."""
+    if args.optimizer == "sgd":
+        return optim.SGD(parameters, lr=args.learning_rate)
+    if args.optimizer == "rmsprop":
+        return optim.RMSprop(parameters, lr=args.learning_rate, eps=args.adam_eps)
+    # the fused kernel does the same elementwise Adam step in one pass, much faster than the default on a CPU
+    return optim.Adam(parameters, lr=args.learning_rate, eps=args.adam_eps, fused=True)
+
+
+def agent_seeds(seed: int, goal: Tuple[int, int], size: int, index: int = 0) -> Tuple[int, np.random.Generator, np.random.Generator]:
+    """The torch seed (weights) and numpy generators (actions; random starts of its envs) of agent `index` of `goal`:
+    they depend on --seed, the goal and the index only, so a history does not change with the other tasks collected
+    beside it (and agent 0's seeds are the ones of a run with one agent per goal)."""
+    torch_seq, numpy_seq, start_seq = np.random.SeedSequence([seed, goal[0] * size + goal[1], *([index] if index else [])]).spawn(3)
     return (int(torch_seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)), np.random.default_rng(numpy_seq),
             np.random.default_rng(start_seq))
 
@@ -670,8 +693,8 @@ def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, goal
 def directory_config(args: Args, split: Dict[str, List[Tuple[int, int]]]) -> dict:
     """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
     algo_keys = {
-        "a2c": ["num_envs", "num_steps", "learning_rate", "adam_eps", "hidden_size", "gamma", "ent_coef", "vf_coef",
-                "max_grad_norm", "history_len"],
+        "a2c": ["agents_per_goal", "num_envs", "num_steps", "update_epochs", "optimizer", "learning_rate", "adam_eps",
+                "critic_init_std", "hidden_size", "gamma", "ent_coef", "vf_coef", "max_grad_norm", "history_len"],
         "noise": ["num_envs", "noise_episodes", "noise_floor", "history_len"],
         "explorer": ["num_envs", "explorer_eps", "history_len"],
         "dynaq": ["num_envs", "dynaq_q0", "dynaq_gamma", "dynaq_sweeps", "dynaq_eps", "history_len"],
@@ -702,7 +725,7 @@ def history_metadata(args: Args, config: dict, goal: Tuple[int, int], part: str)
         "algo": config["algo"],
         "seed": args.seed,
         "split_seed": args.split_seed,
-        "num_streams": args.num_envs,
+        "num_streams": args.agents_per_goal * args.num_envs,
         "steps_per_stream": args.steps_per_stream,
         "total_timesteps": args.total_timesteps,
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
@@ -830,6 +853,7 @@ class HistoryRecorder:
         updates and after the last one. Returns whether the charts were logged (so the caller can add its own)."""
         global KEPT  # what on_interrupt reports: it changes with every history written
         args, E = self.args, self.args.num_envs
+        G = args.agents_per_goal * E  # streams per goal: the envs of its agents, side by side
         if self.global_step // E < args.steps_per_stream:
             t0 = self.global_step // E
             n = min(args.num_steps, args.steps_per_stream - t0)
@@ -840,7 +864,7 @@ class HistoryRecorder:
         if self.global_step // E >= args.steps_per_stream and self.written == 0:
             write_tasks_json(args.histories_dir, self.config)  # with the first history, so a failed run leaves none
             for i, (goal, part) in enumerate(self.todo):
-                arrays = {key: np.ascontiguousarray(array[:, i * E:(i + 1) * E].T) for key, array in self.history.items()}
+                arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
                 arrays["metadata"] = np.array(json.dumps(history_metadata(args, self.config, goal, part)))
                 write_atomic(history_path(args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
                 self.written += 1
@@ -851,12 +875,12 @@ class HistoryRecorder:
         if update % args.log_every != 0 and update != args.num_updates:
             return False
         A = len(self.todo)
-        agent_episodes = self.episodes.reshape(A, E).sum(1)
-        success = self.successes.reshape(A, E).sum(1) / np.maximum(agent_episodes, 1)
+        agent_episodes = self.episodes.reshape(A, G).sum(1)  # per goal (over its agents)
+        success = self.successes.reshape(A, G).sum(1) / np.maximum(agent_episodes, 1)
         self.episodes[:], self.successes[:] = 0, 0
         self.curve_steps.append(self.global_step)
         self.curve_success.append(success)
-        sps = int(self.global_step * A / (time.time() - self.start_time))
+        sps = int(self.global_step * A * args.agents_per_goal / (time.time() - self.start_time))
         writer.add_scalar("charts/success_rate_mean", success.mean(), self.global_step)
         writer.add_scalar("charts/success_rate_min", success.min(), self.global_step)
         writer.add_scalar("charts/success_rate_max", success.max(), self.global_step)
@@ -902,11 +926,12 @@ def report(args: Args, recorder: HistoryRecorder, run_name: str) -> None:
     curves_path = os.path.join(args.histories_dir, f"learning_curves_{name}")
     write_atomic(curves_path + ".json", lambda f: f.write(json.dumps(curves).encode()))
     plot_learning_curves(curves_path + ".png", steps, success, goals,
-                         f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} agents ({name} tasks)",
+                         f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} goals x {args.agents_per_goal} agent(s) ({name} tasks)",
                          args.steps_per_stream * args.num_envs)
     mean = success.mean(1)
     above = np.flatnonzero(mean >= 0.9)
-    print(f"{len(goals)} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * len(goals) / elapsed)} "
+    num_agents = len(goals) * args.agents_per_goal
+    print(f"{num_agents} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * num_agents / elapsed)} "
           f"env steps/s); final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 from "
           f"{steps[above[0]] if len(above) else 'never'} env steps per agent")
     print(f"histories in {args.histories_dir}/, learning curves in {curves_path}.png, TensorBoard in runs/{run_name}/")
@@ -957,11 +982,12 @@ if __name__ == "__main__":
         "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
     )
 
-    # env setup: agent a's envs are a * num_envs ... (a + 1) * num_envs - 1
+    # env setup: goal i's agents are i * agents_per_goal ..., agent a's envs a * num_envs ... (a + 1) * num_envs - 1
     goals = [goal for goal, _ in todo]
-    A, E, T = len(todo), args.num_envs, args.num_steps
-    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size) for goal in goals])
-    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), E, axis=0), args.size, args.terminate_on_goal, args.max_episode_steps,
+    K, E, T = args.agents_per_goal, args.num_envs, args.num_steps
+    A = len(todo) * K
+    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size, k) for goal in goals for k in range(K)])
+    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), K * E, axis=0), args.size, args.terminate_on_goal, args.max_episode_steps,
                              start_rngs if args.random_start else None)
     num_states = envs.single_observation_space.n
     # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
@@ -973,9 +999,8 @@ if __name__ == "__main__":
         report(args, recorder, run_name)
         sys.exit(0)
 
-    agent = BatchedAgent(list(seeds), num_states, NUM_ACTIONS, args.hidden_size).to(device)
-    # the fused kernel does the same elementwise Adam step in one pass (7x faster than the default on CPU)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps, fused=True)
+    agent = BatchedAgent(list(seeds), num_states, NUM_ACTIONS, args.hidden_size, args.critic_init_std).to(device)
+    optimizer = make_optimizer(args, agent.parameters())
 
     rollout = recorder.rollout
     table_row = np.repeat(np.arange(A) * num_states, E)  # row of each env's agent's state 0 in a flattened (A * S) table
@@ -1003,15 +1028,20 @@ if __name__ == "__main__":
                 action = (cdf[table_row + envs.state] <= uniforms[step, :, None]).sum(1)
                 recorder.step(step, action)
 
-            # ALGO LOGIC: n-step returns, bootstrapped from the critic's table
-            next_values = torch.from_numpy(value_table[table_row + rollout["next_states"]])
-            returns = nstep_returns(torch.from_numpy(rollout["rewards"]), torch.from_numpy(rollout["terminated"]),
-                                    torch.from_numpy(rollout["truncated"]), next_values, args.gamma)
-            pg_loss, v_loss, entropy_loss, grad_norm = a2c_update(
-                agent, optimizer, logits, values, per_agent(torch.from_numpy(rollout["states"])),
-                per_agent(torch.from_numpy(rollout["actions"])), per_agent(returns), args.ent_coef, args.vf_coef,
-                args.max_grad_norm,
-            )
+            # ALGO LOGIC: n-step returns, bootstrapped from the critic's table, and the A2C step; every epoch
+            # after the first reads the tables of the network it updated, on the same rollout
+            for epoch in range(args.update_epochs):
+                if epoch > 0:
+                    logits, values = agent.tables()
+                    value_table = values.detach().reshape(-1).cpu().numpy()
+                next_values = torch.from_numpy(value_table[table_row + rollout["next_states"]])
+                returns = nstep_returns(torch.from_numpy(rollout["rewards"]), torch.from_numpy(rollout["terminated"]),
+                                        torch.from_numpy(rollout["truncated"]), next_values, args.gamma)
+                pg_loss, v_loss, entropy_loss, grad_norm = a2c_update(
+                    agent, optimizer, logits, values, per_agent(torch.from_numpy(rollout["states"])),
+                    per_agent(torch.from_numpy(rollout["actions"])), per_agent(returns), args.ent_coef, args.vf_coef,
+                    args.max_grad_norm,
+                )
 
             if recorder.end_rollout(update, writer, progress):
                 writer.add_scalar("losses/policy_loss", pg_loss.mean().item(), recorder.global_step)
@@ -1020,6 +1050,6 @@ if __name__ == "__main__":
                 writer.add_scalar("losses/grad_norm", grad_norm.mean().item(), recorder.global_step)
 
     agents_path = f"runs/{run_name}/agents.pt"
-    write_atomic(agents_path, lambda f: torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f))
+    write_atomic(agents_path, lambda f: torch.save({"agent": agent.state_dict(), "goals": [g for g in goals for _ in range(K)], "args": vars(args)}, f))
     KEPT = f"{recorder.kept(writer.log_dir)}, the trained agents in {agents_path} (no learning curves)"
     report(args, recorder, run_name)

@@ -31,9 +31,10 @@ ALL_GOALS = [(r, c) for r in range(9) for c in range(9) if (r, c) != (4, 4)]
 
 
 def run_in_process(cwd, *args, script=SCRIPT):
-    """Run the script as __main__ in this process (fast: no imports); returns the exit code (0 if none)."""
+    """Run the script as __main__ in this process (fast: no imports); returns the exit code (0 if none).
+    collect_histories.py runs A2C unless the args name another --source (a later flag wins)."""
     old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = [script, *args]
+    sys.argv = [script, *(["--source", "a2c"] if script == SCRIPT else []), *args]
     os.chdir(cwd)
     try:
         runpy.run_path(script, run_name="__main__")
@@ -402,6 +403,64 @@ def test_histories_replay_through_a2c_darkroom(tmp_path, size, random_start):
         torch.testing.assert_close(state["critic_bias"][i], ref.critic.bias, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop", "sgd"])
+def test_fast_per_stream_a2c_replays_through_a2c_darkroom(tmp_path, optimizer):
+    """The per-stream settings (several agents per goal, one env each, several updates per rollout, a zero critic,
+    each optimizer): every agent of the batch is the a2c_darkroom agent its own stream's rollouts train."""
+    out = tmp_path / "h"
+    K, T, epochs, lr = 3, 6, 3, {"adam": 0.01, "rmsprop": 0.001, "sgd": 0.5}[optimizer]
+    args = ["--histories-dir", str(out), "--tasks", "3,5", "5,3", "--num-envs", "1", "--agents-per-goal", str(K),
+            "--num-steps", str(T), "--update-epochs", str(epochs), "--optimizer", optimizer, "--critic-init-std", "0",
+            "--total-timesteps", "60", "--history-len", "60", "--learning-rate", str(lr), "--ent-coef", "0.05"]
+    assert run_in_process(tmp_path, *args) == 0
+    saved = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "agents.pt"))[0])
+    assert [tuple(g) for g in saved["goals"]] == [(3, 5)] * K + [(5, 3)] * K
+    state = saved["agent"]
+    assert not torch.equal(state["embedding"][0], state["embedding"][1])  # each agent of a goal has its own seed
+    make_opt = {"adam": lambda p: torch.optim.Adam(p, lr=lr, eps=1e-6), "sgd": lambda p: torch.optim.SGD(p, lr=lr),
+                "rmsprop": lambda p: torch.optim.RMSprop(p, lr=lr, eps=1e-6)}[optimizer]
+    learned = 0
+    for i, goal in enumerate(saved["goals"]):
+        arrays, meta = load(glob.glob(str(out / "*" / f"goal_{goal[0]}_{goal[1]}.npz"))[0])
+        assert meta["num_streams"] == K and meta["algo"]["update_epochs"] == epochs
+        check_dynamics(arrays, meta)
+        torch.manual_seed(ch.agent_seeds(1, tuple(goal), 9, i % K)[0])
+        ref = a2c_darkroom.Agent(81, 5, 128)
+        with torch.no_grad():
+            ref.critic.weight.zero_()  # --critic-init-std 0
+        opt = make_opt(ref.parameters())
+        stream = {k: torch.from_numpy(v[i % K].astype(np.int64 if v.dtype == np.uint8 else bool)) for k, v in arrays.items()}
+        rewarded = stream["rewards"].sum() > 0
+        for u in range(60 // T):
+            part = {k: v[u * T:(u + 1) * T, None] for k, v in stream.items()}  # (T, 1 env)
+            for _ in range(epochs):
+                with torch.no_grad():
+                    returns = a2c_darkroom.nstep_returns(part["rewards"].float(), part["terminated"], part["truncated"],
+                                                         ref.get_value(part["next_states"]), 0.9)
+                loss, *_ = a2c_darkroom.a2c_loss(ref, part["states"].reshape(-1), part["actions"].reshape(-1),
+                                                 returns.reshape(-1), 0.05, 0.99)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+                opt.step()
+        for name, ref_param in [("embedding", ref.embedding.weight.T), ("actor_weight", ref.actor.weight),
+                                ("actor_bias", ref.actor.bias), ("critic_weight", ref.critic.weight),
+                                ("critic_bias", ref.critic.bias)]:
+            # Adam scales a near-zero gradient up to a step of ~lr, so float rounding can reach ~1e-4 in 30 steps
+            torch.testing.assert_close(state[name][i], ref_param, atol=1e-3, rtol=0)
+        if rewarded:  # a reward moved the critic off its zero start, and the policy: the comparison means something
+            torch.manual_seed(ch.agent_seeds(1, tuple(goal), 9, i % K)[0])
+            assert (a2c_darkroom.Agent(81, 5, 128).actor.weight - ref.actor.weight).abs().max() > 1e-3
+            assert ref.critic.weight.abs().max() > 1e-3
+            learned += 1
+    assert learned >= 2
+
+
+def test_agents_per_goal_is_only_for_a2c(tmp_path):
+    assert run_in_process(tmp_path, "--agents-per-goal", "2", "--history-len", "300", "--source", "dynaq") == 1
+    assert not os.path.exists(tmp_path / "histories")
+
+
 @pytest.mark.parametrize("random_start", [False, True])
 def test_history_does_not_depend_on_the_other_tasks(tmp_path, random_start):
     flags = [*TINY, *(["--random-start"] if random_start else [])]
@@ -448,7 +507,7 @@ def test_resume_skips_done_tasks_and_overwrite_redoes_them(tmp_path, capsys):
 
 def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path):
     out = tmp_path / "h"
-    flags = ["--histories-dir", out, "--num-envs", "2", "--num-steps", "50", "--history-len", "20000"]
+    flags = ["--histories-dir", out, "--source", "a2c", "--num-envs", "2", "--num-steps", "50", "--history-len", "20000"]
     # 80 agents: about a second (or more) before their histories are complete; Ctrl-C once the training loop has started
     code, lines = interrupt([SCRIPT, *flags, "--tasks", "all", "--total-timesteps", "10000000"], tmp_path, wait_for="a2c x80")
     assert code == 130 and len(lines) == 1, lines
@@ -462,7 +521,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path):
 
 def test_ctrl_c_during_imports_exits_130_with_one_line(tmp_path):
     """Imports take seconds: Ctrl-C 0.5 s after the start lands among them, and still gives one line, no traceback."""
-    code, lines = interrupt([SCRIPT, "--histories-dir", tmp_path / "h", "--tasks", "0,1"], tmp_path, after=0.5)
+    code, lines = interrupt([SCRIPT, "--histories-dir", tmp_path / "h", "--source", "a2c", "--tasks", "0,1"], tmp_path, after=0.5)
     assert (code, lines) == (130, ["interrupted: nothing was written"])
     assert os.listdir(tmp_path) == []
 
@@ -528,8 +587,8 @@ BAD_INPUT = [
     (["--history-len", "-5"], "--history-len must be positive"),
     (["--total-timesteps", "0"], "--total-timesteps must be positive"),
     (["--size", "0"], "--size must be positive"),
-    (["--history-len", "3000000"], "--history-len 3000000 is more than the 2500000 env steps"),
-    (["--history-len", "1050", "--total-timesteps", "1099"], "--history-len 1050 is more than the 1000 env steps"),
+    (["--source", "a2c", "--num-envs", "10", "--history-len", "3000000"], "--history-len 3000000 is more than the 2500000 env steps"),
+    (["--source", "a2c", "--num-envs", "10", "--history-len", "1050", "--total-timesteps", "1099"], "--history-len 1050 is more than the 1000 env steps"),
     (["--size", "17"], "need --size <= 16"),
     (["--source", "noise", "--noise-episodes", "0"], "--noise-episodes must be positive"),
     (["--source", "explorer", "--explorer-eps", "1.5"], "--explorer-eps must be in [0, 1]"),
@@ -610,7 +669,7 @@ def test_read_only_runs_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_too_large_for_memory_is_an_error(tmp_path, capsys, monkeypatch):
-    big = ["--history-len", str(10**14), "--total-timesteps", str(10**14), "--tasks", "0,1"]  # 7 bytes a step: 637 TiB
+    big = ["--num-envs", "10", "--history-len", str(10**14), "--total-timesteps", str(10**14), "--tasks", "0,1"]  # 7 bytes a step: 637 TiB
     assert run_in_process(tmp_path, "--histories-dir", str(tmp_path / "h"), *big) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"error: --history-len 100000000000000 with --num-envs 10 and 1 task\(s\) to collect "
@@ -618,12 +677,13 @@ def test_too_large_for_memory_is_an_error(tmp_path, capsys, monkeypatch):
                                       err[0]), err
     assert os.listdir(tmp_path) == []
     # refused only when over what is available
-    args = tyro.cli(ch.Args, args=["--history-len", "100000"])
+    args = tyro.cli(ch.Args, args=["--source", "a2c", "--num-envs", "10", "--history-len", "100000"])
     monkeypatch.setattr(ch, "available_memory", lambda: 2**29)
     ch.check_memory(args, 80)  # 80 agents x 10 streams x 10000 steps x 7 bytes = 56 MB, + 0.3 GiB for the rest
     with pytest.raises(SystemExit, match=r"--history-len 1000000 .* and 80 task\(s\) to collect needs about 0\.8 GiB, 0\.3 GiB more "
                                          r"than the 0\.5 GiB available"):
-        ch.check_memory(tyro.cli(ch.Args, args=["--history-len", "1000000", "--total-timesteps", "1000000"]), 80)
+        ch.check_memory(tyro.cli(ch.Args, args=["--source", "a2c", "--num-envs", "10", "--history-len", "1000000",
+                                                "--total-timesteps", "1000000"]), 80)
 
 
 def test_failed_run_leaves_nothing_that_blocks_another_config(tmp_path, capsys, monkeypatch):
