@@ -1,5 +1,6 @@
 # Train one A2C agent per DarkRoom task, all agents at once, and write their learning histories for AD.
 # Docs: README.md#collect_historiespy
+import os
 import signal
 import sys
 
@@ -7,6 +8,10 @@ import sys
 def on_interrupt(signum, frame):
     """Ctrl-C anywhere, the imports below included: one line saying what was kept, exit 130, no traceback."""
     print(f"\ninterrupted: {KEPT}", file=sys.stderr, flush=True)  # on a line of its own, below any progress bar
+    while frame is not None and "importlib" not in frame.f_code.co_filename:
+        frame = frame.f_back
+    if frame is not None:  # inside an import, where an exception can land in C++ code and abort: exit at once
+        os._exit(130)
     sys.exit(130)
 
 
@@ -19,7 +24,6 @@ import glob
 import importlib.metadata
 import json
 import math
-import os
 import platform
 import random
 import re

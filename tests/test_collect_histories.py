@@ -177,7 +177,7 @@ def test_helpers_are_identical_copies_of_a2c_darkroom():
 def test_ctrl_c_handler_is_the_same_in_every_script():
     def block(name):
         text = open(os.path.join(ROOT, name)).read()
-        return text[text.index("import signal\n"):text.index("signal.signal(signal.SIGINT, on_interrupt)\n")]
+        return text[text.index("import os\nimport signal\n"):text.index("signal.signal(signal.SIGINT, on_interrupt)\n")]
 
     blocks = [block(name) for name in ["collect_histories.py", "a2c_darkroom.py", "ad_dt.py", "eval_ad.py"]]
     assert all(b == blocks[0] for b in blocks) and "sys.exit(130)" in blocks[0]
