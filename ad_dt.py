@@ -57,13 +57,14 @@ class Args:
     # Data: the histories written by collect_histories.py, and their pace
     histories_dir: str = "histories"
     """directory written by `collect_histories.py` (`tasks.json`, `train/goal_R_C.npz`)"""
-    history_len: Optional[int] = 200_000
+    history_len: Optional[int] = None
     """keep the first `history_len` transitions of each agent, counted over all its streams as
-    collect_histories.py counts them (`history_len // num_streams` per stream); None keeps all.
-    Default: the original design's A2C agents pass 0.9 success by ~170k steps, after that a history only repeats itself"""
-    keep_every: int = 50
-    """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a history k times faster.
-    Default: 50 puts an A2C agent's whole learning arc (~1000 episodes per stream) into a few windows"""
+    collect_histories.py counts them (`history_len // num_streams` per stream); None keeps all (the default: a
+    Dyna-Q stream, 256 steps, is one window). The original design's A2C used 200000"""
+    keep_every: int = 1
+    """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a history k times faster. Default 1: a Dyna-Q
+    stream's whole arc fits one window; the original design's A2C used 50 (~1000 episodes per stream), the
+    per-stream A2C of reproduce.sh 8"""
     stream_start_frac: float = 0.0
     """fraction of training windows that start at the beginning of a stream (evaluation starts from an empty
     context, which uniform sampling shows in about 1 window in (stream length - seq_len))"""
@@ -72,16 +73,17 @@ class Args:
     layout: Literal["one", "three"] = "one"
     """tokens per transition: "one" = emb(state) + emb(previous action) + emb(previous reward);
     "three" = the original design's interleaved stream ... a_{t-1}, r_{t-1}, s_t ..., the action read from the state token"""
-    state_embedding: Literal["cell", "rowcol"] = "cell"
+    state_embedding: Literal["cell", "rowcol"] = "rowcol"
     """"cell" = one learnt vector per cell; "rowcol" = emb(row) + emb(column), which tells the model which cells are neighbours"""
-    prev_next_state: bool = False
-    """if toggled, every transition also shows where the previous action led (s'_{t-1}): in terminate mode the
+    prev_next_state: bool = True
+    """every transition also shows where the previous action led (s'_{t-1}; `--no-prev-next-state`: the original
+    design's tokens): in terminate mode the
     goal cell is never a state, only where the rewarded action led, so this puts the goal itself in the context"""
-    prev_state: bool = False
-    """if toggled, every transition also shows the state the previous action was taken in (s_{t-1}), so one token
+    prev_state: bool = True
+    """every transition also shows the state the previous action was taken in (s_{t-1}; off: `--no-prev-state`), so one token
     holds the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as
     Dyna-Q answers at every step, is then one attention lookup instead of two"""
-    seq_len: int = 128
+    seq_len: int = 256
     """context length in transitions (tokens = seq_len x tokens per transition)"""
     embedding_dim: int = 64
     """width of the transformer"""
@@ -93,15 +95,16 @@ class Args:
     """hidden width of each block's MLP (the original design used 2048)"""
     attention_dropout: float = 0.0
     """dropout on attention weights (the original design used 0.5; any value > 0 makes SDPA leave its fused CPU kernel: 5-12x slower)"""
-    residual_dropout: float = 0.1
-    """dropout on the attention and MLP outputs"""
+    residual_dropout: float = 0.0
+    """dropout on the attention and MLP outputs (the original design used 0.1; 0 is faster on the CPU and did not
+    memorise goals: experiments/README.md, "Training budget")"""
     embedding_dropout: float = 0.0
     """dropout on the token embeddings"""
 
     # Training
     batch_size: int = 32
     """windows per update, over all processes (under torchrun each rank takes batch_size / world_size of them)"""
-    num_updates: int = 5000
+    num_updates: int = 3600
     """number of gradient updates"""
     learning_rate: float = 1e-3
     """peak learning rate (Adam)"""
@@ -115,7 +118,7 @@ class Args:
     """max global norm of the gradients"""
 
     # In-context evaluation on the held-out tasks
-    eval_every: int = 500
+    eval_every: int = 1800
     """evaluate every this many updates (and after the last one)"""
     eval_episodes: int = 30
     """whole episodes per env, from an empty context"""

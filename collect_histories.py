@@ -85,16 +85,17 @@ class Args:
     """seed of the train/test split of the goals"""
     num_train_tasks: int = 57
     """number of training goals; the other goals are held out for testing"""
-    tasks: Tuple[str, ...] = ("train",)
+    tasks: Tuple[str, ...] = ("all",)
     """which tasks to collect: `train`, `test`, `all`, or goals as row,col (e.g. `--tasks 0,1 8,8`)"""
-    history_len: int = 800_000
-    """transitions kept per agent, over all its env streams (history_len // num_envs per stream)"""
+    history_len: Optional[int] = None
+    """transitions kept per agent, over all its env streams (history_len // num_envs per stream); default: 256 per
+    stream for the learner-per-stream sources, 800000 for a2c (the original design's)"""
     overwrite: bool = False
     """if toggled, collect again the tasks whose history already exists (otherwise they are skipped)"""
 
     # Source: the learning algorithm whose histories are written
-    source: Literal["a2c", "noise", "explorer", "dynaq"] = "a2c"
-    """`a2c` (the seed's algorithm, trained below); `noise`: shortest-path policy with action noise decaying over
+    source: Literal["a2c", "noise", "explorer", "dynaq"] = "dynaq"
+    """default `dynaq`, the learning source AD distils best here (README.md, Results); `a2c` (the original design's algorithm, trained below); `noise`: shortest-path policy with action noise decaying over
     episodes (AD-epsilon); `explorer`: remembers visited cells, walks to the nearest unvisited one, goes straight
     to the goal once rewarded; `dynaq`: tabular Dyna-Q with optimistic initial values, which learns the room and the
     reward from its own steps. For `noise`, `explorer` and `dynaq` each env stream is one learner from scratch"""
@@ -117,11 +118,12 @@ class Args:
     dynaq_eps: float = 0.0
     """`dynaq`: probability of a random action at each step (optimism alone drives the exploration)"""
 
-    # Algorithm (defaults: the seed's hyperparameters, as in a2c_darkroom.py)
+    # Algorithm (a2c; defaults: the original design's hyperparameters, as in a2c_darkroom.py)
     agents_per_goal: int = 1
     """`a2c`: independent agents per goal, each from its own seed; a goal's history holds all their streams"""
-    num_envs: int = 10
-    """number of parallel envs per agent (streams per history: agents_per_goal * num_envs)"""
+    num_envs: Optional[int] = None
+    """number of parallel envs per agent (streams per history: agents_per_goal * num_envs); for the learner-per-stream
+    sources the learners per goal. Default: 500 for those, 10 for a2c (the original design's)"""
     num_steps: int = 10
     """rollout length per env between updates (the n of the n-step returns)"""
     update_epochs: int = 1
@@ -167,6 +169,10 @@ def check_args(args: Args) -> None:
         if not ok:
             raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
+    if args.num_envs is None:  # each source's own default (the flag's docstring)
+        args.num_envs = 10 if args.source == "a2c" else 500
+    if args.history_len is None:
+        args.history_len = 800_000 if args.source == "a2c" else 256 * args.num_envs
     for name in ["size", "max_episode_steps", "agents_per_goal", "num_envs", "num_steps", "update_epochs", "total_timesteps", "hidden_size",
                  "history_len", "log_every", "num_threads", "noise_episodes", "dynaq_sweeps"]:
         need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole Algorithm Distillation pipeline with the CPU defaults, for the sources side by side:
-#   Dyna-Q (a learning source)  : histories_dynaq/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
-#   explorer (scripted source)  : histories_explorer/  -> runs/ad_explorer__*/ -> results/ad_explorer/
-#   A2C (the original design's) : histories/           -> runs/ad_a2c__*/      -> results/ad_a2c/  (WITH_A2C=1 only)
-# `bash reproduce.sh` runs the first two (39 minutes on 2 CPU cores); `WITH_A2C=1 bash reproduce.sh` adds A2C
-# (11 minutes more), the source AD does not learn to learn from (README.md, Results).
+#   Dyna-Q (the learning source AD distils best; every script's defaults) : histories/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
+#   A2C, one env per agent and 64 agents per goal (the design's learner)  : histories_a2c/ -> runs/ad_a2c__*/      -> results/ad_a2c/
+#   explorer (a scripted source; WITH_EXPLORER=1 only)                     : histories_explorer/ -> runs/ad_explorer__*/ -> results/ad_explorer/
+# `bash reproduce.sh` runs the first two (about 42 minutes on 2 CPU cores); `WITH_EXPLORER=1 bash reproduce.sh` adds
+# the explorer (13 minutes more). Afterwards `python ad_dt.py --seq-len 256` trains on histories/ as stage 2 did.
 # Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
 # and an evaluation newer than its checkpoint is kept. A run in runs/ad_*__*/ resumes with the flags it was started
 # with: after changing a stage's flags here, delete its runs/ and results/ directories to train it again.
@@ -37,28 +37,27 @@ ad_and_eval() {
   echo "$exp: checkpoint $checkpoint, results in results/$exp/"
 }
 
-WITH_A2C=${WITH_A2C:-0}
-N=$([ "$WITH_A2C" = 1 ] && echo 6 || echo 4)  # stages
-stage "1/$N Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories_dynaq/"
-"$PYTHON" collect_histories.py --source dynaq --num-envs 500 --history-len 128000 --tasks all --histories-dir histories_dynaq
-stage "2/$N AD on the Dyna-Q histories (a window = a whole stream; each token shows the pair tried) + evaluation"
-# no dropout: 1.17x faster per update on the CPU, and at the same time (3600 updates for 3000) held-out success rose in 4
-# GPU seeds, with no sign of memorised goals (experiments/README.md, "Training budget")
-ad_and_eval ad_dynaq histories_dynaq --seq-len 256 --keep-every 1 --history-len None --prev-state --prev-next-state \
-  --state-embedding rowcol --residual-dropout 0 --num-updates 3600 --eval-every 1800
-stage "3/$N explorer histories: 1000 short learners per task -> histories_explorer/"
-"$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all --histories-dir histories_explorer
-stage "4/$N AD on the explorer histories (each token shows the pair tried, as for Dyna-Q) + evaluation"
-# no dropout, 2 heads and 3 layers: each makes an update cheaper, which buys 6000 updates (the explorer's AD needs the tokens,
-# not the depth; Dyna-Q's needs its 4 layers: experiments/README.md, "Training budget")
-ad_and_eval ad_explorer histories_explorer --keep-every 1 --history-len None --prev-state --residual-dropout 0 --num-heads 2 \
-  --num-layers 3 --num-updates 6000 --eval-every 3000
-if [ "$WITH_A2C" = 1 ]; then
-  stage "5/$N A2C learning histories of all 80 tasks, trained as far as the histories keep (800k env steps) -> histories/"
-  # the original design trains 2.5M steps but keeps the first 800k; the steps after them change no history (tested)
-  "$PYTHON" collect_histories.py --tasks all --total-timesteps 800000
-  stage "6/$N AD on the A2C histories (ad_dt.py's defaults but 2000 updates: 4x more did not help it, experiments/README.md) + evaluation"
-  ad_and_eval ad_a2c histories --num-updates 2000 --eval-every 1000
+WITH_EXPLORER=${WITH_EXPLORER:-0}
+N=$([ "$WITH_EXPLORER" = 1 ] && echo 6 || echo 4)  # stages
+stage "1/$N Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories/"
+"$PYTHON" collect_histories.py  # the defaults: --source dynaq --num-envs 500 --history-len 128000 --tasks all
+stage "2/$N AD on the Dyna-Q histories (ad_dt.py's defaults: a window = a whole stream, each token shows the pair tried) + evaluation"
+ad_and_eval ad_dynaq histories --seq-len 256
+stage "3/$N A2C learning histories: 64 agents per task, one env each, 4000 steps (~200 episodes) each -> histories_a2c/"
+# the original design's A2C (10 envs per agent, lr 1e-4) needs ~1000 episodes per stream; this one learns in ~50
+# (a zero critic at the start, 4 updates per 40-step rollout, lr 3e-3, entropy 0.05: experiments/README.md)
+"$PYTHON" collect_histories.py --source a2c --histories-dir histories_a2c --num-envs 1 --agents-per-goal 64 --num-steps 40 \
+  --update-epochs 4 --learning-rate 3e-3 --ent-coef 0.05 --critic-init-std 0 --history-len 4000 --total-timesteps 4000
+stage "4/$N AD on the A2C histories (every 8th episode, half the windows from a stream's start) + evaluation"
+ad_and_eval ad_a2c histories_a2c --seq-len 256 --keep-every 8 --stream-start-frac 0.5 --num-updates 2000 --eval-every 1000
+if [ "$WITH_EXPLORER" = 1 ]; then
+  stage "5/$N explorer histories: 1000 short learners per task -> histories_explorer/"
+  "$PYTHON" collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --histories-dir histories_explorer
+  stage "6/$N AD on the explorer histories (the pair-tried token only) + evaluation"
+  # 2 heads and 3 layers make an update cheaper, which buys 6000 updates (the explorer's AD needs the tokens, not the
+  # depth; Dyna-Q's needs its 4 layers: experiments/README.md, "Training budget")
+  ad_and_eval ad_explorer histories_explorer --seq-len 128 --no-prev-next-state --state-embedding cell --num-heads 2 \
+    --num-layers 3 --num-updates 6000 --eval-every 3000
 fi
 echo; echo "== done in ${SECONDS}s"
-echo "plots, tables (results.json) and videos: results/ad_dynaq/, results/ad_explorer/ (and results/ad_a2c/); curves: tensorboard --logdir runs"
+echo "plots, tables (results.json) and videos: results/ad_dynaq/, results/ad_a2c/ (and results/ad_explorer/); curves: tensorboard --logdir runs"

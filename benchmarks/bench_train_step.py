@@ -23,15 +23,15 @@ class Args:
     num_threads: int = 2
     """CPU threads for torch"""
     compare: Literal["original", "dynaq", "explorer", "dynaq_depth", "explorer_depth", "dynaq_paper", "explorer_paper"] = "original"
-    """"original": ad_dt.py's defaults vs the original design's configuration, on the A2C histories; "dynaq" / "explorer":
+    """"original": ad_dt.py's defaults (the Dyna-Q stage's) vs the original design's configuration; "dynaq" / "explorer":
     reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads, 4 layers), on its
     histories; "dynaq_depth" / "explorer_depth": that stage's configuration with 3 layers vs with 4 (the explorer's now has 3,
     the Dyna-Q stage's 4);
     "dynaq_paper" / "explorer_paper": that stage's configuration vs the same with the AD paper's dropout (0.5 on the
     attention weights, 0.1 on the residuals)"""
     histories_dir: str = ""
-    """directory written by `collect_histories.py`; default: `histories` (A2C, the original design's data),
-    `histories_dynaq` or `histories_explorer`, as reproduce.sh names them. Each configuration reads it at its own pace"""
+    """directory written by `collect_histories.py`; default: `histories` (Dyna-Q, collect_histories.py's default) or
+    `histories_explorer`, as reproduce.sh names them. Each configuration reads it at its own pace"""
     rounds: int = 4
     """timed rounds; each runs both configurations, in alternating order, so machine load hits both alike"""
     first_updates: Optional[int] = None
@@ -48,23 +48,23 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.num_threads)
     original = ADArgs(  # the original design's configuration, as benchmarks/README.md's `ad_dt.py --layout three ...` writes it
-        layout="three", seq_len=256, history_len=800_000, keep_every=1,
+        layout="three", seq_len=256, history_len=800_000, keep_every=1, prev_state=False, prev_next_state=False, state_embedding="cell",
         embedding_dim=64, num_layers=4, num_heads=4, feed_forward_dim=2048,
         attention_dropout=0.5, residual_dropout=0.1, embedding_dropout=0.0,
         batch_size=32, learning_rate=3e-4, min_lr=2e-6, betas=(0.9, 0.99), clip_grad=1.0, num_updates=22_000,
     )
     # reproduce.sh's AD stages (the flags that shape an update), then and now
     dynaq = dict(seq_len=256, keep_every=1, history_len=None, prev_state=True, prev_next_state=True, state_embedding="rowcol")
-    explorer = dict(keep_every=1, history_len=None, prev_state=True)
+    explorer = dict(seq_len=128, keep_every=1, history_len=None, prev_state=True, prev_next_state=False, state_embedding="cell")
     paper = dict(attention_dropout=0.5, residual_dropout=0.1)  # the AD paper's, by a reproduction's config
     dynaq_now, explorer_now = dict(dynaq, residual_dropout=0.0), dict(explorer, residual_dropout=0.0, num_heads=2, num_layers=3)
     configs, histories_dir = {
         "original": ({"default": ADArgs(), "original": original}, "histories"),
-        "dynaq": ({"now": ADArgs(**dynaq_now), "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories_dynaq"),
+        "dynaq": ({"now": ADArgs(**dynaq_now), "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories"),
         "explorer": ({"now": ADArgs(**explorer_now), "before": ADArgs(**explorer, residual_dropout=0.1)}, "histories_explorer"),
-        "dynaq_depth": ({"3layers": ADArgs(**{**dynaq_now, "num_layers": 3}), "4layers": ADArgs(**dynaq_now)}, "histories_dynaq"),
+        "dynaq_depth": ({"3layers": ADArgs(**{**dynaq_now, "num_layers": 3}), "4layers": ADArgs(**dynaq_now)}, "histories"),
         "explorer_depth": ({"3layers": ADArgs(**explorer_now), "4layers": ADArgs(**{**explorer_now, "num_layers": 4})}, "histories_explorer"),
-        "dynaq_paper": ({"now": ADArgs(**dynaq_now), "paper": ADArgs(**{**dynaq_now, **paper})}, "histories_dynaq"),
+        "dynaq_paper": ({"now": ADArgs(**dynaq_now), "paper": ADArgs(**{**dynaq_now, **paper})}, "histories"),
         "explorer_paper": ({"now": ADArgs(**explorer_now), "paper": ADArgs(**{**explorer_now, **paper})}, "histories_explorer"),
     }[args.compare]
     first, second = configs

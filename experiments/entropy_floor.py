@@ -1,5 +1,5 @@
 # The floor under AD's teacher-forced loss on Dyna-Q histories, per split. Docs: experiments/README.md
-#   .venv/bin/python experiments/entropy_floor.py histories_dynaq [results/ad_dynaq/results.json]
+#   .venv/bin/python experiments/entropy_floor.py histories [results/ad_dynaq/results.json]
 # (on the first STREAMS streams of every history: the mean over all steps of 64 x 80 learners, 2-3 min on one core)
 # Dyna-Q acts greedily and breaks ties at random (with --dynaq-eps, a random action at that probability), so where
 # k actions tie, no model can predict its action better than log k nats: the mean entropy of the source's own

@@ -48,10 +48,16 @@ class Args:
     """ad_dt.py flags appended to every config's (e.g. `--extra-flags="--num-updates 50"` for a quick smoke run)"""
 
 
+# The sweeps ran when both scripts' defaults were the original design's A2C ones; these flags (a later flag wins)
+# keep every config as it ran: collect_histories.py's A2C with 10 envs per agent, ad_dt.py's context of 128 transitions
+FORMER_COLLECT = ["--source", "a2c", "--num-envs", "10", "--history-len", "800000"]
+FORMER_AD = ["--seq-len", "128", "--keep-every", "50", "--history-len", "200000", "--state-embedding", "cell", "--no-prev-state",
+             "--no-prev-next-state", "--residual-dropout", "0.1", "--num-updates", "5000"]
+
 # sources: histories directory -> collect_histories.py flags (train and held-out tasks)
 SOURCES = {
     # the original design's A2C: 10 envs per agent, lr 1e-4 (reproduce.sh's); trained only as far as the 800k steps kept
-    "histories": ["--tasks", "all", "--total-timesteps", "800000"],
+    "histories_a2c_design": ["--tasks", "all", "--total-timesteps", "800000"],
     # fast A2C: one env per agent, so one stream holds everything the agent learned from; lr 3e-3
     "histories_a2c_fast": ["--num-envs", "1", "--learning-rate", "3e-3", "--total-timesteps", "20000", "--history-len", "20000", "--tasks", "all"],
     # the AD paper's no-terminate mode: the episode goes on at the goal, and every step there is rewarded
@@ -75,20 +81,20 @@ SOURCES = {
 
 FAST = ["--history-len", "None"]
 PACE = {
-    # the original design's A2C at 4 paces x 2 history lengths (ad_dt.py's default: keep 50, 200k)
-    **{f"a2c_k{k}_h{h // 1000}k": ("histories", ["--keep-every", str(k), "--history-len", str(h)])
+    # the original design's A2C at 4 paces x 2 history lengths (ad_dt.py's former default: keep 50, 200k)
+    **{f"a2c_k{k}_h{h // 1000}k": ("histories_a2c_design", ["--keep-every", str(k), "--history-len", str(h)])
        for h in (200_000, 800_000) for k in (1, 10, 50, 200)},
     **{f"a2cfast_k{k}": ("histories_a2c_fast", [*FAST, "--keep-every", str(k)]) for k in (1, 5, 20, 50)},
     "explorer_k1": ("histories_explorer", [*FAST, "--keep-every", "1", "--num-updates", "3000"]),
 }
 LEVERS = {
-    "a2c_k50_h200k": PACE["a2c_k50_h200k"],  # ad_dt.py's defaults: the baseline of every A2C lever
-    "a2c_prevnext": ("histories", ["--prev-next-state"]),
-    "a2c_rowcol": ("histories", ["--state-embedding", "rowcol"]),
-    "a2c_prevnext_rowcol": ("histories", ["--prev-next-state", "--state-embedding", "rowcol"]),
-    "a2c_stream_start": ("histories", ["--stream-start-frac", "0.25"]),
-    "a2c_20k_updates": ("histories", ["--num-updates", "20000"]),
-    "a2c_big": ("histories", ["--embedding-dim", "128", "--num-layers", "6", "--num-heads", "8", "--feed-forward-dim", "512"]),
+    "a2c_k50_h200k": PACE["a2c_k50_h200k"],  # ad_dt.py's former defaults: the baseline of every A2C lever
+    "a2c_prevnext": ("histories_a2c_design", ["--prev-next-state"]),
+    "a2c_rowcol": ("histories_a2c_design", ["--state-embedding", "rowcol"]),
+    "a2c_prevnext_rowcol": ("histories_a2c_design", ["--prev-next-state", "--state-embedding", "rowcol"]),
+    "a2c_stream_start": ("histories_a2c_design", ["--stream-start-frac", "0.25"]),
+    "a2c_20k_updates": ("histories_a2c_design", ["--num-updates", "20000"]),
+    "a2c_big": ("histories_a2c_design", ["--embedding-dim", "128", "--num-layers", "6", "--num-heads", "8", "--feed-forward-dim", "512"]),
     "a2c_noterm": ("histories_a2c_noterm", []),
     "a2cfast_k20": PACE["a2cfast_k20"],
     "a2cfast_k20_prevnext_rowcol": ("histories_a2c_fast", [*FAST, "--keep-every", "20", "--prev-next-state", "--state-embedding", "rowcol"]),
@@ -133,7 +139,7 @@ def run_config(name, histories, flags, args):
         run_logged([sys.executable, "ad_dt.py", "--resume", str(checkpoints()[-1]), *threads], log)
     else:
         run_logged([sys.executable, "ad_dt.py", "--exp-name", f"sweep_{name}", "--histories-dir", histories,
-                    "--eval-every", "2500", "--checkpoint-every", "2500", *threads, *device, *flags, *shlex.split(args.extra_flags)], log)
+                    *FORMER_AD, "--eval-every", "2500", "--checkpoint-every", "2500", *threads, *device, *flags, *shlex.split(args.extra_flags)], log)
     run_logged([sys.executable, "eval_ad.py", "--checkpoint", str(checkpoints()[-1]), "--histories-dir", histories,
                 "--out-dir", str(out), "--train-tasks", "--episodes", str(args.eval_episodes), "--seeds", str(args.eval_seeds),
                 "--video-episodes", "0", *threads, *device], log)
@@ -261,8 +267,8 @@ def plot_pace(rows, path):
     (rolling mean over 10 episodes) of the default A2C config, its extremes and the explorer."""
     fig = Figure(figsize=(13, 4.8))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colours = {"histories": "tab:blue", "histories_a2c_fast": "tab:orange", "histories_explorer": "tab:green"}
-    labels = {"histories": "A2C (seed: 10 envs, lr 1e-4)", "histories_a2c_fast": "fast A2C (1 env, lr 3e-3)", "histories_explorer": "explorer"}
+    colours = {"histories_a2c_design": "tab:blue", "histories_a2c_fast": "tab:orange", "histories_explorer": "tab:green"}
+    labels = {"histories_a2c_design": "A2C (seed: 10 envs, lr 1e-4)", "histories_a2c_fast": "fast A2C (1 env, lr 3e-3)", "histories_explorer": "explorer"}
     lines = sorted({(r["source"], r["history_len"]) for r in rows if r["source"] in colours}, key=str)
     for source, history_len in lines:
         mine = sorted((r for r in rows if (r["source"], r["history_len"]) == (source, history_len)), key=lambda r: r["arc_windows"])
@@ -308,7 +314,7 @@ if __name__ == "__main__":
     if not args.summarize_only:
         start = time.time()
         for histories in sorted({h for h, _ in configs.values()}):  # collect (or resume) each source once, in order
-            cmd = [sys.executable, "collect_histories.py", "--histories-dir", histories, *SOURCES[histories]]
+            cmd = [sys.executable, "collect_histories.py", "--histories-dir", histories, *FORMER_COLLECT, *SOURCES[histories]]
             print(f"[{time.time() - start:6.0f}s] collecting {histories}", flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -320,7 +320,7 @@ def test_teacher_forced_loss_is_the_training_cross_entropy_on_windows_sampled_li
     for size in (5, 5, 2):
         batch, _ = ad_dt.sample_windows(data, size, model.config.seq_len, rng)
         with torch.no_grad():
-            logits = model(batch["states"], batch["prev_actions"], batch["prev_rewards"], batch["timesteps"])
+            logits = model(*(batch[key] for key in ad_dt.INPUT_KEYS))
         expected.append(F.cross_entropy(logits.reshape(-1, 5), batch["actions"].reshape(-1), reduction="none"))
     assert loss == pytest.approx(torch.cat(expected).mean().item(), rel=1e-5)
     assert eval_ad.history_action_loss(model, histories, 2 * 10, 1, 4, np.random.default_rng(0)) is None  # streams shorter than a window
