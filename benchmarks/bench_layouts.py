@@ -90,7 +90,10 @@ def train_step(model, optimizer, scheduler, data, train_args, rng):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.num_threads)
-    defaults = ADArgs()  # ad_dt.py's defaults: seq_len, batch size, width, learning rate and schedule
+    # ad_dt.py's defaults when this was measured (the original design's tokens, a 128-transition context, dropout 0.1):
+    # batch size, width, learning rate and schedule
+    former = dict(seq_len=128, prev_state=False, prev_next_state=False, state_embedding="cell", residual_dropout=0.1)
+    defaults = ADArgs(**former)
     layouts = ("one", "three")
     tasks, histories = load_histories(args.histories_dir)
     data = make_dataset(histories, args.history_len, args.keep_every)
@@ -142,7 +145,7 @@ if __name__ == "__main__":
     mean_return = {}
     for layout in layouts:
         num_updates = max(1, round(args.budget_s / s_per_update[layout]))
-        train_args = ADArgs(num_updates=num_updates)  # ad_dt.py's warmup + cosine schedule, over these updates
+        train_args = ADArgs(num_updates=num_updates, **former)  # ad_dt.py's warmup + cosine schedule, over these updates
         model, optimizer, scheduler = make_model(replace(train_args, layout=layout), env, args.seed)
         rng = np.random.default_rng(args.seed)
         start = time.perf_counter()
