@@ -102,7 +102,7 @@ def check_args(args: Args) -> None:
         need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")
     need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
     need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
-    need(math.isfinite(args.learning_rate) and args.learning_rate > 0, "learning-rate", "positive")
+    need(0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
     need(math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
     need(0 <= args.gamma <= 1, "gamma", "in [0, 1]")
     for name in ["ent_coef", "vf_coef"]:

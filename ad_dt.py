@@ -18,6 +18,7 @@ KEPT = "nothing was written"  # what on_interrupt reports; main updates it as ou
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_interrupt)
 
+import atexit
 import json
 import math
 import random
@@ -144,7 +145,7 @@ FORMAT_VERSION = 1  # of the history files (see README.md, "History format")
 NUM_ACTIONS = 5  # 0 noop, 1 up, 2 right, 3 down, 4 left
 NO_ACTION = NUM_ACTIONS  # "no previous transition": start of a stream, or an empty context
 NO_REWARD = 2  # rewards are 0/1; index 2 = no previous transition
-NO_STATE = 255  # no previous transition, in prev_next_states and prev_states (uint8); the model maps it to its own embedding row
+NO_STATE = 256  # no previous transition, in prev_next_states and prev_states (uint16: above every cell of a 16x16 room); the model maps it to its own embedding row
 HISTORY_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
 INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states")  # model inputs, in forward's order
 
@@ -158,7 +159,8 @@ def check_args(args, world_size=1):
     for name in ("num_threads", "keep_every", "embedding_dim", "num_layers", "num_heads", "feed_forward_dim", "batch_size",
                  "num_updates", "eval_every", "eval_episodes", "eval_seeds", "checkpoint_every"):
         need(getattr(args, name) >= 1, name.replace("_", "-"), "at least 1")
-    need(args.seed >= 0, "seed", "at least 0")
+    need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
+    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
     need(args.seq_len >= 2, "seq-len", "at least 2 (a window holds the transitions before the action predicted)")
     need(args.history_len is None or args.history_len >= 1, "history-len", "at least 1, or None to keep whole histories")
     need(args.warmup_steps >= 0, "warmup-steps", "at least 0")
@@ -250,6 +252,11 @@ def load_histories(histories_dir, split="train"):
     histories = []
     for path in files:
         meta, arrays = read_history(path, tasks["env"])
+        if path.name != "goal_{}_{}.npz".format(*meta["goal"]):  # also: two files of one goal cannot both pass
+            raise SystemExit(f"error: {path} holds goal {meta['goal']}, not the goal its name says: restore the file, or collect again")
+        if (meta.get("source", "a2c"), meta.get("algo")) != (tasks.get("source", "a2c"), tasks.get("algo")):
+            raise SystemExit(f"error: {path} is a history of {meta.get('source', 'a2c')} {meta.get('algo')}, but {root}/tasks.json "
+                             f"says {tasks.get('source', 'a2c')} {tasks.get('algo')}: move it to its own --histories-dir")
         if split == "test" and (meta.get("split") != "test" or meta["goal"] not in tasks["test"]):
             raise SystemExit(f"error: {path} is not a history of a held-out test task in {root}/tasks.json")
         if split == "train" and (meta.get("split") != "train" or meta["goal"] in tasks["test"]):
@@ -263,8 +270,8 @@ def load_histories(histories_dir, split="train"):
 def make_dataset(histories, history_len=None, keep_every=1):
     """Cut each agent's history, keep every k-th episode, and flatten all streams into one table.
 
-    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps, prev_next_states,
-    prev_states) and `offsets` (stream i is rows offsets[i]:offsets[i+1]). The prev_* columns hold the previous
+    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps; prev_next_states and
+    prev_states uint16) and `offsets` (stream i is rows offsets[i]:offsets[i+1]). The prev_* columns hold the previous
     transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/NO_STATE at its
     first row.
     """
@@ -281,13 +288,13 @@ def make_dataset(histories, history_len=None, keep_every=1):
             actions, rewards = h["actions"][s, :steps][keep], h["rewards"][s, :steps][keep]
             states = h["states"][s, :steps][keep]
             columns["states"].append(states)
-            columns["prev_states"].append(np.concatenate([[NO_STATE], states])[:-1].astype(np.uint8))
+            columns["prev_states"].append(np.concatenate([[NO_STATE], states])[:-1].astype(np.uint16))
             columns["actions"].append(actions)
             columns["prev_actions"].append(np.concatenate([[NO_ACTION], actions])[:-1].astype(np.uint8))
             columns["prev_rewards"].append(np.concatenate([[NO_REWARD], rewards])[:-1].astype(np.uint8))
             columns["timesteps"].append(h["timesteps"][s, :steps][keep])
             next_states = h["next_states"][s, :steps][keep]
-            columns["prev_next_states"].append(np.concatenate([[NO_STATE], next_states])[:-1].astype(np.uint8))
+            columns["prev_next_states"].append(np.concatenate([[NO_STATE], next_states])[:-1].astype(np.uint16))
             lengths.append(int(keep.sum()))
     data = {key: np.concatenate(parts) for key, parts in columns.items()}
     data["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -673,9 +680,9 @@ def parse_args():
 
 def check_resume(checkpoint, args, tasks, config):
     """A resumed run must see the same task split, env and model: otherwise held-out goals could become training data."""
-    for key in ("train", "test", "env"):
-        if checkpoint["tasks"].get(key) != tasks[key]:
-            raise SystemExit(f"error: {args.histories_dir}/tasks.json has another {key} ({tasks[key]}) than {args.resume} "
+    for key in ("train", "test", "env", "source", "algo"):  # another source's histories would continue the run on other data
+        if checkpoint["tasks"].get(key) != tasks.get(key):
+            raise SystemExit(f"error: {args.histories_dir}/tasks.json has another {key} ({tasks.get(key)}) than {args.resume} "
                              f"({checkpoint['tasks'].get(key)}): resume with the checkpoint's --histories-dir "
                              f"{checkpoint['args']['histories_dir']}, or start a new run")
     if asdict(config) != checkpoint["model_config"]:
@@ -791,6 +798,7 @@ if __name__ == "__main__":
     # purge_step: a resumed run overwrites what the old one logged after its checkpoint
     if rank == 0:
         writer = SummaryWriter(str(run_dir), purge_step=start + 1 if checkpoint is not None else None)
+        atexit.register(writer.close)  # also on Ctrl-C: the events written so far are flushed
         writer.add_text(
             "hyperparameters",
             "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),

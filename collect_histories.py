@@ -179,7 +179,7 @@ def check_args(args: Args) -> None:
     need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
     need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
     need(args.split_seed >= 0, "split-seed", "at least 0")
-    need(math.isfinite(args.learning_rate) and args.learning_rate > 0, "learning-rate", "positive")
+    need(0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
     need(math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
     need(math.isfinite(args.critic_init_std) and args.critic_init_std >= 0, "critic-init-std", "at least 0")
     need(args.source == "a2c" or args.agents_per_goal == 1, "agents-per-goal", "1 for a per-stream source (its --num-envs streams are the learners)")
@@ -1030,6 +1030,9 @@ if __name__ == "__main__":
                 cdf = torch.softmax(logits.double(), dim=1).cumsum(1)[:, :-1]  # (A, K - 1, S)
                 cdf = cdf.transpose(1, 2).reshape(A * num_states, -1).cpu().numpy()  # row a * S + s
                 value_table = values.reshape(-1).cpu().numpy()
+            if not (np.isfinite(cdf).all() and np.isfinite(value_table).all()):  # diverged: no history is written
+                raise SystemExit(f"error: the A2C agents diverged at update {update} (non-finite logits or values): "
+                                 f"lower --learning-rate {args.learning_rate}")
             # one uniform per action, from each agent's own generator
             uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, A * E)
 

@@ -88,6 +88,10 @@ def check_args(args):
     for name in ("seed", "loss_windows", "video_episodes", "video_task"):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if args.seed >= 2**32:
+        raise SystemExit(f"error: --seed must be in 0..2**32-1 (numpy's seeds), got {args.seed}")
+    if not 0 < len(args.exp_name.encode()) <= 200 or "/" in args.exp_name:
+        raise SystemExit(f"error: --exp-name must be a file name without '/', got {args.exp_name}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise SystemExit(f"error: --temperature must be positive (use --greedy for argmax actions), got {args.temperature}")
     if args.cuda and not torch.cuda.is_available():
@@ -493,8 +497,9 @@ if __name__ == "__main__":
         raise SystemExit(f"error: --video-task must be in 0..{len(tasks['test']) - 1}, got {args.video_task}")
     histories_dir = Path(args.histories_dir or checkpoint.get("args", {}).get("histories_dir", "histories"))
     on_disk, test_histories = load_histories(histories_dir, "test")  # validated; held-out goals only
-    if any(on_disk.get(key) != tasks[key] for key in ("train", "test", "env")):
-        raise SystemExit(f"error: {histories_dir}/tasks.json has another task split or env than {args.checkpoint}")
+    if any(on_disk.get(key) != tasks.get(key) for key in ("train", "test", "env", "source", "algo")):
+        raise SystemExit(f"error: {histories_dir}/tasks.json has another task split, env or source than {args.checkpoint}: "
+                         f"use the --histories-dir it was trained on")
     train_histories = load_histories(histories_dir, "train")[1] if args.loss_windows > 0 or args.train_tasks else []
     for part, histories in (("test", test_histories), ("train", train_histories)):  # in the split's order, as the other methods
         histories.sort(key=lambda h: tasks[part].index(h["meta"]["goal"]))

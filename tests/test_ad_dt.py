@@ -65,7 +65,7 @@ def collect_history(goal, num_streams, steps, seed, env_config=ENV):
 def write_collection(root, train_goals=TRAIN_GOALS, test_goals=TEST_GOALS, num_streams=2, steps=300, env_config=ENV, with_test=True):
     root = Path(root)
     (root / "train").mkdir(parents=True, exist_ok=True)
-    tasks = {"format_version": 1, "split_seed": 0, "train": train_goals, "test": test_goals, "env": env_config}
+    tasks = {"format_version": 1, "split_seed": 0, "train": train_goals, "test": test_goals, "env": env_config, "source": "test", "algo": {}}
     (root / "tasks.json").write_text(json.dumps(tasks))
     for i, goal in enumerate(train_goals):
         write_history(root / "train" / f"goal_{goal[0]}_{goal[1]}.npz", goal, "train", num_streams, steps, seed=100 * i, env_config=env_config)

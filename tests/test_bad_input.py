@@ -63,6 +63,7 @@ BAD_FLAGS = [
     (["--keep-every", "0"], "--keep-every"), (["--clip-grad", "0"], "--clip-grad"), (["--eval-episodes", "0"], "--eval-episodes"),
     (["--warmup-steps", "-1"], "--warmup-steps"), (["--diagnostic-windows", "-1"], "--diagnostic-windows"),
     (["--histories-dir", "nowhere"], "nowhere"),
+    (["--seed", str(2**32)], "--seed"), (["--exp-name", "../../x"], "--exp-name"), (["--exp-name", ""], "--exp-name"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--cuda"], "--cuda"))
@@ -77,7 +78,8 @@ def test_ad_dt_bad_flag_is_one_line_naming_it_and_writes_nothing(flags, named, c
 
 BAD_EVAL_FLAGS = [(["--episodes", "0"], "--episodes"), (["--seeds", "0"], "--seeds"), (["--seed", "-3"], "--seed"),
                   (["--temperature", "0"], "--temperature"), (["--video-task", "-1"], "--video-task"), (["--video-task", "99"], "--video-task"),
-                  (["--loss-windows", "-1"], "--loss-windows"), (["--num-threads", "0"], "--num-threads")]
+                  (["--loss-windows", "-1"], "--loss-windows"), (["--num-threads", "0"], "--num-threads"),
+                  (["--seed", str(2**32)], "--seed"), (["--exp-name", "../../x"], "--exp-name")]
 
 
 @pytest.mark.parametrize("flags, named", BAD_EVAL_FLAGS, ids=[" ".join(f) for f, _ in BAD_EVAL_FLAGS])
@@ -250,3 +252,68 @@ def test_ctrl_c_during_training_and_evaluation_exits_130_with_one_line(collectio
                             tmp_path, after=1.0, wait_for="held-out goals x")
     assert code == 130 and len(lines) == 1 and lines[0].startswith("interrupted: "), lines
     assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+# histories that would put other data into a run without a word
+def rewrite_history(path, **meta_changes):
+    with np.load(path) as h:
+        arrays = {key: h[key] for key in h.files}
+    meta = {**json.loads(arrays.pop("metadata").item()), **meta_changes}
+    np.savez_compressed(path, metadata=np.array(json.dumps(meta)), **arrays)
+
+
+def test_history_holding_another_goal_than_its_name_is_refused(collection, tmp_path, monkeypatch):
+    histories = Path(shutil.copytree(collection, tmp_path / "h"))
+    first, second = sorted((histories / "train").glob("*.npz"))[:2]
+    shutil.copy(first, second)  # second's name, first's goal
+    error = run_main("ad_dt.py", tmp_path, monkeypatch, "--histories-dir", histories, *TINY)
+    assert_one_error_line(error, str(second), "not the goal its name says")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_files_of_one_goal_are_refused(collection, tmp_path, monkeypatch):
+    histories = Path(shutil.copytree(collection, tmp_path / "h"))
+    first = sorted((histories / "train").glob("*.npz"))[0]
+    shutil.copy(first, histories / "train" / "extra.npz")
+    error = run_main("ad_dt.py", tmp_path, monkeypatch, "--histories-dir", histories, *TINY)
+    assert_one_error_line(error, "extra.npz", "not the goal its name says")
+
+
+def test_history_of_another_source_in_the_directory_is_refused(collection, tmp_path, monkeypatch):
+    histories = Path(shutil.copytree(collection, tmp_path / "h"))
+    odd = sorted((histories / "train").glob("*.npz"))[1]
+    rewrite_history(odd, source="dynaq", algo={"num_envs": 500})
+    error = run_main("ad_dt.py", tmp_path, monkeypatch, "--histories-dir", histories, *TINY)
+    assert_one_error_line(error, str(odd), "dynaq", "its own --histories-dir")
+
+
+def test_resume_or_evaluation_on_another_sources_histories_is_refused(collection, trained, tmp_path, monkeypatch):
+    histories = Path(shutil.copytree(collection, tmp_path / "h"))
+    tasks = json.loads((histories / "tasks.json").read_text())
+    (histories / "tasks.json").write_text(json.dumps({**tasks, "source": "dynaq"}))
+    for path in histories.glob("*/*.npz"):  # the same split and env, another source
+        rewrite_history(path, source="dynaq")
+    error = run_main("ad_dt.py", tmp_path, monkeypatch, "--resume", trained["checkpoint"], "--histories-dir", histories)
+    assert_one_error_line(error, "another source", "start a new run")
+    error = run_main("eval_ad.py", tmp_path, monkeypatch, "--checkpoint", trained["checkpoint"], "--histories-dir", histories,
+                     "--out-dir", tmp_path / "out")
+    assert_one_error_line(error, "another task split, env or source")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_previous_state_marker_is_not_a_cell_of_the_largest_room():
+    size = 16
+    goal, cell = [0, 0], size * size - 1  # the last cell, (15, 15): the marker's value before
+    history = {key: np.full((1, 3), cell, np.uint8) for key in ("states", "next_states")}
+    history.update(actions=np.zeros((1, 3), np.uint8), rewards=np.zeros((1, 3), np.uint8), timesteps=np.arange(3, dtype=np.uint8)[None],
+                   terminated=np.zeros((1, 3), bool), truncated=np.zeros((1, 3), bool), meta={"goal": goal})
+    data = ad_dt.make_dataset([history])
+    assert data["prev_states"][0] == ad_dt.NO_STATE and data["prev_states"][1] == cell
+    config = ad_dt.GPTConfig(num_states=size * size, seq_len=4, embedding_dim=16, num_layers=1, num_heads=2, feed_forward_dim=32,
+                             prev_state=True, prev_next_state=True)
+    torch.manual_seed(0)
+    model = ad_dt.ADTransformer(config).eval()
+    window = {key: torch.from_numpy(data[key][None, :3].astype(np.int64)) for key in ad_dt.INPUT_KEYS}
+    seen = dict(window, prev_states=torch.full((1, 3), cell), prev_next_states=torch.full((1, 3), cell))
+    with torch.no_grad():  # the first transition's logits tell "no previous state" from "came from cell 255"
+        assert not torch.allclose(model(**window)[0, 0], model(**seen)[0, 0])

@@ -557,10 +557,12 @@ def test_bad_input_subprocess_one_line_error_nothing_written(tmp_path):
 A2C_BAD_INPUT = [
     (["--seed", "-1"], "--seed must be in 0..2**32-1"),
     (["--seed", str(2**32)], "--seed must be in 0..2**32-1"),
-    (["--learning-rate", "-1"], "--learning-rate must be positive"),
-    (["--learning-rate", "0"], "--learning-rate must be positive"),
-    (["--learning-rate", "nan"], "--learning-rate must be positive"),
-    (["--learning-rate", "inf"], "--learning-rate must be positive"),
+    (["--learning-rate", "-1"], "--learning-rate must be in (0, 1]"),
+    (["--learning-rate", "0"], "--learning-rate must be in (0, 1]"),
+    (["--learning-rate", "nan"], "--learning-rate must be in (0, 1]"),
+    (["--learning-rate", "inf"], "--learning-rate must be in (0, 1]"),
+    (["--learning-rate", "1e30"], "--learning-rate must be in (0, 1]"),  # exited 0 with histories frozen on noop
+    (["--learning-rate", "1.5"], "--learning-rate must be in (0, 1]"),
     (["--adam-eps", "0"], "--adam-eps must be positive"),
     (["--adam-eps", "-1e-6"], "--adam-eps must be positive"),
     (["--num-steps", "0"], "--num-steps must be positive"),

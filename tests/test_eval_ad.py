@@ -31,7 +31,7 @@ MOVES = np.array([[0, 0], [-1, 0], [0, 1], [1, 0], [0, -1]])  # row, col change 
 
 def write_collection(root, num_streams=2, steps=300):
     root = Path(root)
-    tasks = {"format_version": 1, "split_seed": 0, "train": TRAIN_GOALS, "test": TEST_GOALS, "env": ENV, "source": "noise"}
+    tasks = {"format_version": 1, "split_seed": 0, "train": TRAIN_GOALS, "test": TEST_GOALS, "env": ENV, "source": "noise", "algo": {}}
     for split, goals in (("train", TRAIN_GOALS), ("test", TEST_GOALS)):
         (root / split).mkdir(parents=True, exist_ok=True)
         for i, goal in enumerate(goals):
@@ -346,7 +346,11 @@ def test_without_held_out_histories_only_a_trained_source_is_left_out_with_a_not
             arrays = {key: h[key] for key in h.files}
         arrays["metadata"] = np.array(json.dumps({**json.loads(arrays["metadata"].item()), "source": source}))
         np.savez_compressed(path, **arrays)
-    assert run_in_process(monkeypatch, "--checkpoint", checkpoints["trained"], "--histories-dir", histories, "--episodes", 3,
+    tasks = {**json.loads((histories / "tasks.json").read_text()), "source": source}
+    (histories / "tasks.json").write_text(json.dumps(tasks))
+    checkpoint = torch.load(checkpoints["trained"], weights_only=True)  # a model trained on them
+    torch.save({**checkpoint, "tasks": tasks}, tmp_path / "model.pt")
+    assert run_in_process(monkeypatch, "--checkpoint", tmp_path / "model.pt", "--histories-dir", histories, "--episodes", 3,
                           "--seeds", 1, "--video-episodes", 0, "--out-dir", tmp_path / "out") is None
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["diagnostics"]["teacher_forced_loss"]["held_out"] is None and results["diagnostics"]["teacher_forced_loss"]["train"] > 0
