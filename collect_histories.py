@@ -449,7 +449,7 @@ class DynaQLearner:
     result is the same as sweeping every stream every step (tested), in a fraction of the time.
     """
 
-    def __init__(self, num_envs: int, num_states: int, rngs, q0: float = 1.0, gamma: float = 0.9, sweeps: int = 20,
+    def __init__(self, num_envs: int, num_states: int, rngs, q0: float = 0.5, gamma: float = 0.9, sweeps: int = 20,
                  eps: float = 0.0):
         self.rngs, self.envs_per_rng = rngs, num_envs // len(rngs)
         self.q0, self.gamma, self.sweeps, self.eps = np.float32(q0), np.float32(gamma), sweeps, eps

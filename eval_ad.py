@@ -102,7 +102,9 @@ def check_args(args):
 
 # baselines: policies that act in the same batched rooms as the model
 def step_towards(states, targets, size):
-    """The action that takes each cell one step closer to its target cell (rows first, then columns; noop on it)."""
+    """The action that takes each cell one step closer to its target cell (rows first, then columns; noop on it).
+    Deterministic, unlike the scripted explorer's random axis in collect_histories.py: every shortest path is as
+    short, and a fixed one gives the oracle no sampling noise of its own."""
     (row, col), (target_row, target_col) = np.divmod(states, size), np.divmod(targets, size)
     return np.select([target_row < row, target_row > row, target_col > col, target_col < col], [1, 3, 2, 4], default=0)
 
