@@ -77,12 +77,12 @@ class Args:
     state_embedding: Literal["cell", "rowcol"] = "rowcol"
     """"cell" = one learnt vector per cell; "rowcol" = emb(row) + emb(column), which tells the model which cells are neighbours"""
     prev_next_state: bool = True
-    """every transition also shows where the previous action led (s'_{t-1}; `--no-prev-next-state`: the original
-    design's tokens): in terminate mode the
-    goal cell is never a state, only where the rewarded action led, so this puts the goal itself in the context"""
+    """every transition also shows where the previous action led (s'_{t-1}; off: `--no-prev-next-state`): in
+    terminate mode the goal cell is never a state, only where the rewarded action led, so this puts the goal itself
+    in the context"""
     prev_state: bool = True
-    """every transition also shows the state the previous action was taken in (s_{t-1}; off: `--no-prev-state`), so one token
-    holds the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as
+    """every transition also shows the state the previous action was taken in (s_{t-1}; off: `--no-prev-state`), so
+    one token holds the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as
     Dyna-Q answers at every step, is then one attention lookup instead of two"""
     seq_len: int = 256
     """context length in transitions (tokens = seq_len x tokens per transition)"""
