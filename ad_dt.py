@@ -39,8 +39,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import trange
 
-from collect_histories import DarkRoomVectorEnv  # the env the histories were collected in (this script reads them)
-
 
 @dataclass
 class Args:
@@ -59,13 +57,11 @@ class Args:
     histories_dir: str = "histories"
     """directory written by `collect_histories.py` (`tasks.json`, `train/goal_R_C.npz`)"""
     history_len: Optional[int] = None
-    """keep the first `history_len` transitions of each agent, counted over all its streams as
-    collect_histories.py counts them (`history_len // num_streams` per stream); None keeps all (the default: a
-    Dyna-Q stream, 256 steps, is one window). The original design's A2C used 200000"""
+    """keep the first `history_len` transitions of each agent, over all its streams as the collectors count them (`history_len //
+    num_streams` per stream); None keeps all (the default: a Dyna-Q stream, 256 steps, is one window). The original design's A2C used 200000"""
     keep_every: int = 1
-    """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a history k times faster. Default 1: a Dyna-Q
-    stream's whole arc fits one window; the original design's A2C used 50 (~1000 episodes per stream), the
-    per-stream A2C of reproduce.sh 8"""
+    """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a history k times faster. Default 1: a Dyna-Q stream's whole
+    arc fits one window; the original design's A2C used 50 (about 1000 episodes per stream), the per-stream A2C of reproduce.sh 8"""
     stream_start_frac: float = 0.0
     """fraction of training windows that start at the beginning of a stream (evaluation starts from an empty
     context, which uniform sampling shows in about 1 window in (stream length - seq_len))"""
@@ -77,13 +73,12 @@ class Args:
     state_embedding: Literal["cell", "rowcol"] = "rowcol"
     """"cell" = one learnt vector per cell; "rowcol" = emb(row) + emb(column), which tells the model which cells are neighbours"""
     prev_next_state: bool = True
-    """every transition also shows where the previous action led (s'_{t-1}; off: `--no-prev-next-state`): in
-    terminate mode the goal cell is never a state, only where the rewarded action led, so this puts the goal itself
-    in the context"""
+    """every transition also shows where the previous action led (s'_{t-1}; off: `--no-prev-next-state`): in terminate mode the
+    goal cell is never a state, only where the rewarded action led, so this puts the goal itself in the context"""
     prev_state: bool = True
-    """every transition also shows the state the previous action was taken in (s_{t-1}; off: `--no-prev-state`), so
-    one token holds the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as
-    Dyna-Q answers at every step, is then one attention lookup instead of two"""
+    """every transition also shows the state the previous action was taken in (s_{t-1}; off: `--no-prev-state`), so one token holds
+    the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as Dyna-Q answers at every
+    step, is then one attention lookup instead of two"""
     seq_len: int = 256
     """context length in transitions (tokens = seq_len x tokens per transition)"""
     embedding_dim: int = 64
@@ -95,7 +90,7 @@ class Args:
     feed_forward_dim: int = 256
     """hidden width of each block's MLP (the original design used 2048)"""
     attention_dropout: float = 0.0
-    """dropout on attention weights (the original design used 0.5; any value > 0 makes SDPA leave its fused CPU kernel: 5-12x slower)"""
+    """dropout on attention weights (the original design used 0.5; any value > 0 makes SDPA leave its fused CPU kernel, which is slower)"""
     residual_dropout: float = 0.0
     """dropout on the attention and MLP outputs (the original design used 0.1; 0 is faster on the CPU and did not
     memorise goals: experiments/README.md, "Training budget")"""
@@ -141,13 +136,22 @@ class Args:
     """continue the run saved in this checkpoint; its arguments are reused unless given again on the command line"""
 
 
-FORMAT_VERSION = 1  # of the history files (see README.md, "History format")
-NUM_ACTIONS = 5  # 0 noop, 1 up, 2 right, 3 down, 4 left
+FORMAT_VERSION = 1  # of tasks.json and the history files (README.md, "History format")
+MOVES = ((0, 0), (-1, 0), (0, 1), (1, 0), (0, -1))  # the actions: noop, up, right, down, left (row, col steps)
+NUM_ACTIONS = len(MOVES)
 NO_ACTION = NUM_ACTIONS  # "no previous transition": start of a stream, or an empty context
 NO_REWARD = 2  # rewards are 0/1; index 2 = no previous transition
 NO_STATE = 256  # no previous transition, in prev_next_states and prev_states (uint16: above every cell of a 16x16 room); the model maps it to its own embedding row
-HISTORY_KEYS = ("states", "actions", "rewards", "next_states", "terminated", "truncated", "timesteps")
-INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states")  # model inputs, in forward's order
+# the arrays of a history file, each [streams, steps]: dtype and the bound its values stay below ("cells": size**2 of
+# tasks.json's env, "steps": its max_episode_steps; None: a bool needs none)
+HISTORY_FORMAT = {"states": (np.uint8, "cells"), "actions": (np.uint8, NUM_ACTIONS), "rewards": (np.uint8, 2),
+                  "next_states": (np.uint8, "cells"), "terminated": (np.bool_, None), "truncated": (np.bool_, None),
+                  "timesteps": (np.uint8, "steps")}
+HISTORY_KEYS = tuple(HISTORY_FORMAT)
+INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states")  # ADTransformer.forward's, passed by name
+# the prev_* columns of the training table: (the column they shift by one row, their value at a stream's first row, dtype)
+PREVIOUS = {"prev_actions": ("actions", NO_ACTION, np.uint8), "prev_rewards": ("rewards", NO_REWARD, np.uint8),
+            "prev_next_states": ("next_states", NO_STATE, np.uint16), "prev_states": ("states", NO_STATE, np.uint16)}
 
 
 def check_args(args, world_size=1):
@@ -178,6 +182,46 @@ def check_args(args, world_size=1):
     need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
 
 
+# the env the histories were collected in, a copy of the collectors' (so that this script runs alone)
+class DarkRoomVectorEnv:
+    """toymeta's `DarkRoom` + `TimeLimit`, many envs (a goal each) in numpy, as a SAME_STEP SyncVectorEnv returns them."""
+
+    def __init__(self, goals, size=9, terminate_on_goal=True, max_episode_steps=20, start_rngs=None):
+        self.goal_states = np.asarray(goals, dtype=np.int64).reshape(-1, 2) @ np.array([size, 1])
+        self.num_envs, self.size, self.start_state = len(self.goal_states), size, (size // 2) * (size + 1)  # the centre
+        self.terminate_on_goal, self.max_episode_steps, self.start_rngs = terminate_on_goal, max_episode_steps, start_rngs
+        moved = np.clip(np.divmod(np.arange(size * size), size) + np.array(MOVES)[:, :, None], 0, size - 1)  # walls block
+        self.transitions = np.ascontiguousarray((moved[:, 0] * size + moved[:, 1]).T)  # next state of (state, action)
+        self.blocks = np.split(np.arange(self.num_envs), len(start_rngs)) if start_rngs else []  # one rng per block
+
+    def starts(self, resetting):  # random starts as toymeta draws them; a block's depend on that block only
+        start = np.full(self.num_envs, self.start_state, dtype=np.int64)
+        for envs, rng in zip(self.blocks, self.start_rngs or ()):
+            if (envs := envs[resetting[envs]]).size:
+                start[envs] = rng.integers(0, self.size, size=(envs.size, 2)) @ np.array([self.size, 1])
+        return start
+
+    def reset(self, seed=None, options=None):  # the starts come from start_rngs: the seed changes nothing
+        self.state, self.timestep = self.starts(np.ones(self.num_envs, bool)), np.zeros(self.num_envs, dtype=np.int64)
+        return self.state, {"timestep": self.timestep}
+
+    def step(self, actions):  # fresh arrays every step, so the arrays handed out never change afterwards
+        next_state = self.transitions[self.state, actions]
+        reward = (next_state == self.goal_states).astype(np.float32)
+        terminated, truncated = (reward > 0) & self.terminate_on_goal, self.timestep >= self.max_episode_steps - 1
+        ended = terminated | truncated
+        self.state, self.timestep = np.where(ended, self.starts(ended), next_state), np.where(ended, 0, self.timestep + 1)
+        return self.state, reward, terminated, truncated, {"final_obs": next_state, "timestep": self.timestep}
+
+
+def make_envs(goals, env, seed=0):
+    """The batched rooms of `env` (tasks.json's: size, terminate_on_goal, max_episode_steps, and random_start where the
+    histories have random starts, drawn here from `seed`); env i has goal goals[i]."""
+    start_rngs = [np.random.default_rng(seed)] if env.get("random_start", False) else None
+    return DarkRoomVectorEnv(goals, env["size"], env["terminate_on_goal"], env["max_episode_steps"], start_rngs)
+
+
+# the data: histories written by a collector, validated completely as they are read, then flattened into windows
 def read_tasks(root):
     """tasks.json of a histories directory, validated: the format version, the env and the split."""
     path = Path(root) / "tasks.json"
@@ -203,7 +247,8 @@ def read_tasks(root):
 
 
 def read_history(path, env):
-    """One history file, validated completely: (metadata, arrays). Anything wrong exits with one line naming the file."""
+    """One history file, validated completely against HISTORY_FORMAT: (metadata, arrays). Anything wrong exits with
+    one line naming the file."""
     try:
         with np.load(path, allow_pickle=False) as h:
             meta = json.loads(h["metadata"].item())
@@ -222,14 +267,13 @@ def read_history(path, env):
     shape = arrays["states"].shape
     if len(shape) != 2 or min(shape) < 1 or any(a.shape != shape for a in arrays.values()):
         raise SystemExit(f"error: {path} needs arrays of one shape (streams >= 1, steps >= 1), got {[a.shape for a in arrays.values()]}")
-    num_states = env["size"] ** 2
-    limits = {"states": num_states, "next_states": num_states, "actions": NUM_ACTIONS, "rewards": 2, "timesteps": env["max_episode_steps"]}
-    for key in HISTORY_KEYS:
-        dtype = np.bool_ if key in ("terminated", "truncated") else np.uint8
+    bounds = {"cells": env["size"] ** 2, "steps": env["max_episode_steps"]}
+    for key, (dtype, bound) in HISTORY_FORMAT.items():
+        bound = bounds.get(bound, bound)
         if arrays[key].dtype != dtype:
             raise SystemExit(f"error: {path} has {key} of dtype {arrays[key].dtype}, expected {np.dtype(dtype)}")
-        if key in limits and arrays[key].max() >= limits[key]:  # uint8: never below 0
-            raise SystemExit(f"error: {path} has {key} up to {arrays[key].max()}, outside 0..{limits[key] - 1}")
+        if bound is not None and arrays[key].max() >= bound:  # unsigned: never below 0
+            raise SystemExit(f"error: {path} has {key} up to {arrays[key].max()}, outside 0..{bound - 1}")
     if not np.array_equal(arrays["rewards"] == 1, arrays["next_states"] == goal[0] * env["size"] + goal[1]):
         raise SystemExit(f"error: {path} has rewards that do not match its goal {goal}")
     return meta, arrays
@@ -271,9 +315,9 @@ def make_dataset(histories, history_len=None, keep_every=1):
     """Cut each agent's history, keep every k-th episode, and flatten all streams into one table.
 
     Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps; prev_next_states and
-    prev_states uint16) and `offsets` (stream i is rows offsets[i]:offsets[i+1]). The prev_* columns hold the previous
-    transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/NO_STATE at its
-    first row.
+    prev_states uint16) and `offsets` (stream i is rows offsets[i]:offsets[i+1]). The prev_* columns (PREVIOUS) hold
+    the previous transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/NO_STATE
+    at its first row.
     """
     columns = {key: [] for key in ("actions", *INPUT_KEYS)}
     lengths = []
@@ -285,16 +329,11 @@ def make_dataset(histories, history_len=None, keep_every=1):
             done = h["terminated"][s, :steps] | h["truncated"][s, :steps]
             episode = np.concatenate([[0], np.cumsum(done[:-1])])  # episode index of every transition
             keep = episode % keep_every == 0
-            actions, rewards = h["actions"][s, :steps][keep], h["rewards"][s, :steps][keep]
-            states = h["states"][s, :steps][keep]
-            columns["states"].append(states)
-            columns["prev_states"].append(np.concatenate([[NO_STATE], states])[:-1].astype(np.uint16))
-            columns["actions"].append(actions)
-            columns["prev_actions"].append(np.concatenate([[NO_ACTION], actions])[:-1].astype(np.uint8))
-            columns["prev_rewards"].append(np.concatenate([[NO_REWARD], rewards])[:-1].astype(np.uint8))
-            columns["timesteps"].append(h["timesteps"][s, :steps][keep])
-            next_states = h["next_states"][s, :steps][keep]
-            columns["prev_next_states"].append(np.concatenate([[NO_STATE], next_states])[:-1].astype(np.uint16))
+            kept = {key: h[key][s, :steps][keep] for key in ("states", "actions", "rewards", "next_states", "timesteps")}
+            for key in ("states", "actions", "timesteps"):
+                columns[key].append(kept[key])
+            for key, (source, first, dtype) in PREVIOUS.items():
+                columns[key].append(np.concatenate([[first], kept[source]])[:-1].astype(dtype))
             lengths.append(int(keep.sum()))
     data = {key: np.concatenate(parts) for key, parts in columns.items()}
     data["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -324,13 +363,10 @@ def sample_windows(data, batch_size, seq_len, rng, stream_start_frac=0.0):
 
 def lr_factor(update, args):
     """Multiplier of args.learning_rate at this update (for LambdaLR): linear warmup, then cosine decay to min_lr."""
-    # 1) linear warmup
     if update < args.warmup_steps:
         return (update + 1) / args.warmup_steps
-    # 2) past the end of the schedule, stay at min_lr
-    if update >= args.num_updates:
+    if update >= args.num_updates:  # past the end of the schedule, stay at min_lr
         return args.min_lr / args.learning_rate
-    # 3) in between, cosine decay from learning_rate down to min_lr
     ratio = (update - args.warmup_steps) / max(1, args.num_updates - args.warmup_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return (args.min_lr + coeff * (args.learning_rate - args.min_lr)) / args.learning_rate
@@ -369,23 +405,6 @@ def model_config(args, env):
                      **{f.name: getattr(args, f.name) for f in fields(GPTConfig) if hasattr(args, f.name)})
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one attention layer, written in place at the token positions given."""
-
-    def __init__(self, batch_size, num_heads, max_len, head_dim, dtype=torch.float32, device=None):
-        super().__init__()
-        shape = (batch_size, num_heads, max_len, head_dim)
-        # not persistent: a cache is not part of the model's state_dict
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos, k, v):
-        # input_pos: [T], k, v: [B, nh, T, hs]
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        return self.k_cache, self.v_cache
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -395,20 +414,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.embedding_dim, config.embedding_dim)
         self.attention_dropout = config.attention_dropout
         self.resid_dropout = nn.Dropout(config.residual_dropout)
-        self.kv_cache = None
+        self.kv_cache = None  # (keys, values) [B, nh, max_len, hs], preallocated by ADTransformer.setup_caches
 
     def forward(self, x, mask=None, input_pos=None):
         B, T, C = x.size()  # batch, new tokens, embedding_dim
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))  # (B, nh, T, hs)
         if self.kv_cache is not None:
             # the new tokens attend to the cached ones too; the mask (rows = the new tokens' positions,
             # columns = the cache up to the last of them) is explicit because is_causal would align
             # T queries with the first T keys, not the last
-            k, v = self.kv_cache.update(input_pos, k, v)
-            k, v = k[:, :, : mask.size(-1)], v[:, :, : mask.size(-1)]  # (B, nh, kv_len, hs)
+            k_cache, v_cache = self.kv_cache
+            k_cache[:, :, input_pos], v_cache[:, :, input_pos] = k, v  # written in place at the new tokens' positions
+            k, v = k_cache[:, :, : mask.size(-1)], v_cache[:, :, : mask.size(-1)]  # (B, nh, kv_len, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             dropout_p = self.attention_dropout if self.training else 0.0
@@ -481,11 +498,12 @@ class ADTransformer(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def setup_caches(self, batch_size):
-        """Give every layer a KV cache for `batch_size` sequences of up to seq_len transitions."""
+        """Give every layer a KV cache for `batch_size` sequences of up to seq_len transitions (not in the state_dict)."""
         c, p = self.config, self.action_head.weight
         max_len = c.seq_len * c.tokens_per_transition
+        shape = (batch_size, c.num_heads, max_len, c.embedding_dim // c.num_heads)
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, c.num_heads, max_len, c.embedding_dim // c.num_heads, p.dtype, p.device)
+            block.attn.kv_cache = tuple(torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in "kv")
         self.register_buffer("causal_mask", torch.ones(max_len, max_len, dtype=torch.bool, device=p.device).tril(), persistent=False)
 
     def clear_caches(self):
@@ -494,8 +512,8 @@ class ADTransformer(nn.Module):
 
     def forward(self, states, prev_actions, prev_rewards, timesteps, prev_next_states=None, prev_states=None,
                 input_pos=None):
-        """Inputs: LongTensors [B, T] of T consecutive transitions (prev_next_states and prev_states are read only
-        with config.prev_next_state and config.prev_state). Returns action logits [B, T, NUM_ACTIONS].
+        """Inputs (INPUT_KEYS): LongTensors [B, T] of T consecutive transitions (prev_next_states and prev_states are
+        read only with config.prev_next_state and config.prev_state). Returns action logits [B, T, NUM_ACTIONS].
         input_pos: None for a plain causal pass, or (with caches set up) the token positions
         [T * tokens_per_transition] of these transitions in the cached context."""
         tr = self.transformer
@@ -522,13 +540,6 @@ class ADTransformer(nn.Module):
         x = tr.ln_f(x)
         k = self.config.tokens_per_transition
         return self.action_head(x[:, k - 1 :: k])  # from each transition's last token (the state's)
-
-
-def make_envs(goals, env, seed=0):
-    """The batched rooms of `env` (tasks.json's: size, terminate_on_goal, max_episode_steps, and random_start where the
-    histories have random starts, drawn here from `seed`); env i has goal goals[i]."""
-    start_rngs = [np.random.default_rng(seed)] if env.get("random_start", False) else None
-    return DarkRoomVectorEnv(goals, env["size"], env["terminate_on_goal"], env["max_episode_steps"], start_rngs)
 
 
 # in-context evaluation: many goals at once, from an empty context, with the KV cache
@@ -574,27 +585,21 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             if n == L:  # full: keep the most recent `keep`, the new transition included, and re-prefill them
                 context[:, :, : keep - 1] = context[:, :, n - (keep - 1) : n].clone()
                 n, new = keep - 1, 0
-            transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state, prev_state])  # [6, N]
+            transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state, prev_state])  # INPUT_KEYS [6, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1
-            if use_cache:
-                input_pos = torch.arange(new * k, n * k, device=device)
-                logits = model(*context[:, :, new:n], input_pos=input_pos)[:, -1]  # [N, NUM_ACTIONS]
-            else:
-                logits = model(*context[:, :, :n])[:, -1]
+            window = slice(new if use_cache else 0, n)  # with the cache, only the transitions it has not seen
+            input_pos = torch.arange(new * k, n * k, device=device) if use_cache else None
+            logits = model(**dict(zip(INPUT_KEYS, context[:, :, window])), input_pos=input_pos)[:, -1]  # [N, NUM_ACTIONS]
             if greedy:
-                action = logits.argmax(-1)
+                action = logits.argmax(-1).cpu().numpy()
             else:
-                action = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(-1)
-            action = action.cpu().numpy()
-            trajectory["states"].append(state)
-            trajectory["timesteps"].append(info["timestep"])
-            trajectory["actions"].append(action)
-            trajectory["logits"].append(logits.cpu().numpy())
+                action = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(-1).cpu().numpy()
+            seen = dict(states=state, timesteps=info["timestep"], actions=action, logits=logits.cpu().numpy())
             prev_state = state
             state, reward, terminated, truncated, info = envs.step(action)
-            trajectory["rewards"].append(reward)
-            trajectory["next_states"].append(info["final_obs"])
+            for key, value in dict(seen, rewards=reward, next_states=info["final_obs"]).items():
+                trajectory[key].append(value)
             active = np.flatnonzero(episode < num_episodes)
             returns[active, episode[active]] += reward[active]
             lengths[active, episode[active]] += 1
@@ -636,7 +641,7 @@ def teacher_forced_loss(model, batch):
     tasks' histories (a model that learned the algorithm, not the goals, has about the same loss on both)."""
     was_training = model.training
     model.eval()
-    logits = model(*(batch[key] for key in INPUT_KEYS))
+    logits = model(**{key: batch[key] for key in INPUT_KEYS})
     model.train(was_training)
     return F.cross_entropy(logits.reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1)).item()
 
@@ -655,6 +660,17 @@ def plot_by_episode(result, title):
     ax.legend()
     ax.grid(alpha=0.3)
     return fig
+
+
+# checkpoints and the run's outputs
+def atomic_write(path, write):
+    """write(temporary path), then rename it to `path`: a reader, or a Ctrl-C, never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -689,10 +705,14 @@ def check_resume(checkpoint, args, tasks, config):
         raise SystemExit(f"error: the model flags differ from those saved in {args.resume}; leave them out to resume")
 
 
-def save_checkpoint(path, **state):
-    """torch.save to a temp name, then rename: never a half-written checkpoint."""
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+def make_run_dir(run_dir):
+    """The outputs' directory, known to be writable before any work is done for them."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.joinpath(".writable").touch()
+        run_dir.joinpath(".writable").unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the run directory {run_dir} ({e.strerror}): make runs/ writable or run elsewhere")
 
 
 def diagnostic_batches(datasets, args, device):
@@ -709,22 +729,21 @@ def diagnostic_batches(datasets, args, device):
 def log_evaluation(writer, model, tasks, args, step, batches):
     """In-context evaluation on the held-out goals (and the training goals) plus the teacher-forced losses, to
     TensorBoard; returns a one-line summary."""
-    result = evaluate_in_context(model, tasks["test"], tasks["env"], args.eval_seeds, args.eval_episodes, args.eval_greedy, args.seed,
-                                 temperature=args.eval_temperature)
-    summary = summarize_evaluation(result)
-    for key, value in summary.items():
-        writer.add_scalar(f"eval/{key}", value, step)
+    def evaluate(goals, num_seeds, tag):
+        result = evaluate_in_context(model, goals, tasks["env"], num_seeds, args.eval_episodes, args.eval_greedy, args.seed,
+                                     temperature=args.eval_temperature)
+        summary = summarize_evaluation(result)
+        for key, value in summary.items():
+            writer.add_scalar(f"{tag}/{key}", value, step)
+        return result, summary
+
+    result, summary = evaluate(tasks["test"], args.eval_seeds, "eval")
     writer.add_figure("eval/return_by_episode", plot_by_episode(result, f"held-out goals, update {step}"), step)
     for name, batch in batches.items():
         writer.add_scalar(f"diagnostics/{name}_action_loss", teacher_forced_loss(model, batch), step)
     line = f"update {step}: held-out " + ", ".join(f"{key} {value:.3f}" for key, value in summary.items())
     if args.eval_train_goals:
-        train_result = evaluate_in_context(model, tasks["train"], tasks["env"], 1, args.eval_episodes, args.eval_greedy, args.seed,
-                                       temperature=args.eval_temperature)
-        train_summary = summarize_evaluation(train_result)
-        for key, value in train_summary.items():
-            writer.add_scalar(f"eval_train/{key}", value, step)
-        line += f"; training goals success_rate {train_summary['success_rate']:.3f}"
+        line += f"; training goals success_rate {evaluate(tasks['train'], 1, 'eval_train')[1]['success_rate']:.3f}"
     return line
 
 
@@ -742,21 +761,15 @@ if __name__ == "__main__":
     del histories
     if np.diff(data["offsets"]).max() < args.seq_len:
         raise SystemExit(f"error: no stream holds --seq-len {args.seq_len} transitions after --history-len/--keep-every")
-    env = tasks["env"]
-    config = model_config(args, env)
+    config = model_config(args, tasks["env"])
     if checkpoint is not None:
         check_resume(checkpoint, args, tasks, config)
         run_name, run_dir = checkpoint["run_name"], Path(args.resume).parent
     else:
         run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = Path("runs") / run_name
-    if rank == 0:  # the outputs' directory is writable before any work is done for them
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            run_dir.joinpath(".writable").touch()
-            run_dir.joinpath(".writable").unlink()
-        except OSError as e:
-            raise SystemExit(f"error: cannot write the run directory {run_dir} ({e.strerror}): make runs/ writable or run elsewhere")
+    if rank == 0:
+        make_run_dir(run_dir)
     if world_size > 1:
         if args.cuda:
             torch.cuda.set_device(device)
@@ -795,14 +808,10 @@ if __name__ == "__main__":
     if rank > 0:  # other dropout masks than rank 0's (which keeps the single-process stream)
         torch.manual_seed(args.seed + 1000 * rank + start)
 
-    # purge_step: a resumed run overwrites what the old one logged after its checkpoint
-    if rank == 0:
+    if rank == 0:  # purge_step: a resumed run overwrites what the old one logged after its checkpoint
         writer = SummaryWriter(str(run_dir), purge_step=start + 1 if checkpoint is not None else None)
         atexit.register(writer.close)  # also on Ctrl-C: the events written so far are flushed
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-        )
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])))
         num_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{run_name}: {len(data['offsets']) - 1} streams, {len(data['states'])} transitions, {num_params} parameters, {world_size} process(es) on {device}")
         KEPT = f"the TensorBoard logs in {run_dir}/ (no checkpoint yet)"
@@ -818,7 +827,7 @@ if __name__ == "__main__":
         batch, _ = sample_windows(data, args.batch_size, args.seq_len, rng, args.stream_start_frac)
         batch = {key: value[share].to(device) for key, value in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits = model(*(batch[key] for key in INPUT_KEYS))
+            logits = model(**{key: batch[key] for key in INPUT_KEYS})
         loss = F.cross_entropy(logits.float().reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients are averaged over the ranks here
@@ -842,9 +851,10 @@ if __name__ == "__main__":
             progress.write(log_evaluation(writer, raw_model, tasks, args, step, batches))
         if step % args.checkpoint_every == 0 or step == args.num_updates:
             path = run_dir / f"ad_dt_{step:06d}.pt"
-            save_checkpoint(path, model=raw_model.state_dict(), model_config=asdict(config), args=asdict(args),
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), update=step,
-                            rng={"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}, tasks=tasks, run_name=run_name)
+            state = dict(model=raw_model.state_dict(), model_config=asdict(config), args=asdict(args), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), update=step, rng={"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+                         tasks=tasks, run_name=run_name)
+            atomic_write(path, partial(torch.save, state))
             KEPT = f"checkpoints up to {path}: continue with `python ad_dt.py --resume {path}`"
     if world_size > 1:
         dist.destroy_process_group()

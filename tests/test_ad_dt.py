@@ -1,6 +1,8 @@
 """Tests of ad_dt.py: data checks and pace, the window sampler, the KV cache, the eval env, and a tiny end-to-end run."""
 import json
+import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -394,6 +396,22 @@ def test_tiny_run_trains_evaluates_checkpoints_resumes_and_reloads(collection, t
                 "diagnostics/train_action_loss", "diagnostics/heldout_action_loss"):
         assert [e.step for e in events.Scalars(tag)] == [3, 6], tag
     assert 0 < events.Scalars("diagnostics/heldout_action_loss")[0].value < 3
+
+
+def test_ad_dt_runs_alone_without_the_collectors_beside_it(collection, tmp_path):
+    """ad_dt.py carries its own copy of the env: copied alone into a directory, it trains and checkpoints."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ROOT / "ad_dt.py", alone / "ad_dt.py")
+    flags = ["--histories-dir", str(collection), "--seq-len", "16", "--embedding-dim", "16", "--num-layers", "1", "--num-heads", "2",
+             "--feed-forward-dim", "32", "--batch-size", "4", "--warmup-steps", "1", "--num-updates", "2", "--eval-episodes", "1",
+             "--eval-seeds", "1", "--no-eval-train-goals", "--num-threads", "1"]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # nothing but the copy on the path
+    proc = subprocess.run([sys.executable, str(alone / "ad_dt.py"), *flags], cwd=alone, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in alone.iterdir()) == ["ad_dt.py", "runs"]
+    (checkpoint,) = (alone / "runs").glob("ad_dt__1__*/ad_dt_000002.pt")
+    assert torch.load(checkpoint, weights_only=True)["update"] == 2
 
 
 def run_main_in_process(cwd, monkeypatch, *flags):
