@@ -164,7 +164,7 @@ def check_args(args, world_size=1):
                  "num_updates", "eval_every", "eval_episodes", "eval_seeds", "checkpoint_every"):
         need(getattr(args, name) >= 1, name.replace("_", "-"), "at least 1")
     need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
-    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
+    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
     need(args.seq_len >= 2, "seq-len", "at least 2 (a window holds the transitions before the action predicted)")
     need(args.history_len is None or args.history_len >= 1, "history-len", "at least 1, or None to keep whole histories")
     need(args.warmup_steps >= 0, "warmup-steps", "at least 0")
@@ -172,7 +172,7 @@ def check_args(args, world_size=1):
     need(0 <= args.stream_start_frac <= 1, "stream-start-frac", "in [0, 1]")
     for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
         need(0 <= getattr(args, name) < 1, name.replace("_", "-"), "in [0, 1)")
-    need(math.isfinite(args.learning_rate) and args.learning_rate > 0, "learning-rate", "positive")
+    need(0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the weights up)")
     need(0 <= args.min_lr <= args.learning_rate, "min-lr", "in [0, --learning-rate]")
     need(all(0 <= b < 1 for b in args.betas), "betas", "two numbers in [0, 1)")
     need(args.clip_grad > 0, "clip-grad", "positive")
@@ -325,6 +325,9 @@ def make_dataset(histories, history_len=None, keep_every=1):
         num_streams, steps = h["states"].shape
         if history_len is not None:
             steps = min(steps, history_len // num_streams)
+            if steps < 1:
+                raise SystemExit(f"error: --history-len {history_len} keeps no step of a history's {num_streams} streams: "
+                                 f"give at least {num_streams}")
         for s in range(num_streams):
             done = h["terminated"][s, :steps] | h["truncated"][s, :steps]
             episode = np.concatenate([[0], np.cumsum(done[:-1])])  # episode index of every transition
@@ -831,7 +834,10 @@ if __name__ == "__main__":
         loss = F.cross_entropy(logits.float().reshape(-1, NUM_ACTIONS), batch["actions"].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients are averaged over the ranks here
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        try:  # a non-finite gradient means the run has diverged: stop before it reaches the weights or a checkpoint
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad, error_if_nonfinite=True)
+        except RuntimeError:
+            raise SystemExit(f"error: the gradient is not finite at update {step}: lower --learning-rate {args.learning_rate}") from None
         learning_rate = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()

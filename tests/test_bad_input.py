@@ -58,6 +58,7 @@ BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size"), (["--embedding-dim", "0"], "--embedding-dim"), (["--num-updates", "0"], "--num-updates"),
     (["--residual-dropout", "1.5"], "--residual-dropout"), (["--attention-dropout", "-0.1"], "--attention-dropout"),
     (["--betas", "1.5", "0.9"], "--betas"), (["--learning-rate", "-1"], "--learning-rate"), (["--learning-rate", "nan"], "--learning-rate"),
+    (["--learning-rate", "1e3"], "--learning-rate"),
     (["--min-lr", "1"], "--min-lr"), (["--seq-len", "1"], "--seq-len"), (["--embedding-dim", "30", "--num-heads", "4"], "--embedding-dim"),
     (["--stream-start-frac", "2"], "--stream-start-frac"), (["--eval-temperature", "0"], "--eval-temperature"),
     (["--keep-every", "0"], "--keep-every"), (["--clip-grad", "0"], "--clip-grad"), (["--eval-episodes", "0"], "--eval-episodes"),
@@ -87,6 +88,13 @@ def test_eval_ad_bad_flag_is_one_line_and_writes_nothing(flags, named, trained, 
     error = run_main("eval_ad.py", tmp_path, monkeypatch, "--checkpoint", trained["checkpoint"], "--out-dir", tmp_path / "out", *flags)
     assert_one_error_line(error, named)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ad_dt_history_len_below_the_streams_of_a_history_is_one_line(tmp_path, monkeypatch):
+    histories = write_collection(tmp_path / "h", num_streams=4, steps=40)
+    error = run_main("ad_dt.py", tmp_path, monkeypatch, "--histories-dir", histories, *TINY, "--history-len", 3)
+    assert_one_error_line(error, "--history-len 3", "4 streams")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]
 
 
 # outputs are checked before the work that feeds them
