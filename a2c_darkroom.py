@@ -100,7 +100,7 @@ def check_args(args: Args) -> None:
 
     for name in ["size", "max_episode_steps", "num_envs", "num_steps", "total_timesteps", "hidden_size", "log_every"]:
         need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")
-    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
+    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
     need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
     need(0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
     need(math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")

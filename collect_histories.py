@@ -153,9 +153,9 @@ class Args:
     """log charts every this many updates (success rate = over the episodes that ended since the last log)"""
 
     # filled in at runtime
-    num_updates: int = 0
+    num_updates: tyro.conf.Suppress[int] = 0
     """number of rollouts per agent: total_timesteps // (num_envs * num_steps) for a2c, enough for the history otherwise"""
-    steps_per_stream: int = 0
+    steps_per_stream: tyro.conf.Suppress[int] = 0
     """transitions kept per env stream (history_len // num_envs)"""
 
 
@@ -176,7 +176,7 @@ def check_args(args: Args) -> None:
     for name in ["size", "max_episode_steps", "agents_per_goal", "num_envs", "num_steps", "update_epochs", "total_timesteps", "hidden_size",
                  "history_len", "log_every", "num_threads", "noise_episodes", "dynaq_sweeps"]:
         need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")
-    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a file name without '/'")
+    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
     need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
     need(args.split_seed >= 0, "split-seed", "at least 0")
     need(0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
@@ -185,7 +185,7 @@ def check_args(args: Args) -> None:
     need(args.source == "a2c" or args.agents_per_goal == 1, "agents-per-goal", "1 for a per-stream source (its --num-envs streams are the learners)")
     need(0 <= args.gamma <= 1, "gamma", "in [0, 1]")
     need(0 <= args.dynaq_gamma <= 1, "dynaq-gamma", "in [0, 1]")
-    need(math.isfinite(args.dynaq_q0), "dynaq-q0", "finite")
+    need(abs(args.dynaq_q0) <= 1e6, "dynaq-q0", "in [-1e6, 1e6] (Q is float32)")
     for name in ["ent_coef", "vf_coef"]:
         need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name.replace("_", "-"), "at least 0")
     need(args.max_grad_norm > 0, "max-grad-norm", "positive (inf: no clipping)")
@@ -1032,7 +1032,7 @@ if __name__ == "__main__":
                 value_table = values.reshape(-1).cpu().numpy()
             if not (np.isfinite(cdf).all() and np.isfinite(value_table).all()):  # diverged: no history is written
                 raise SystemExit(f"error: the A2C agents diverged at update {update} (non-finite logits or values): "
-                                 f"lower --learning-rate {args.learning_rate}")
+                                 f"lower --learning-rate {args.learning_rate} (or check --critic-init-std and --adam-eps)")
             # one uniform per action, from each agent's own generator
             uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, A * E)
 

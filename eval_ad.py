@@ -91,7 +91,7 @@ def check_args(args):
     if args.seed >= 2**32:
         raise SystemExit(f"error: --seed must be in 0..2**32-1 (numpy's seeds), got {args.seed}")
     if not 0 < len(args.exp_name.encode()) <= 200 or "/" in args.exp_name:
-        raise SystemExit(f"error: --exp-name must be a file name without '/', got {args.exp_name}")
+        raise SystemExit(f"error: --exp-name must be a non-empty file name without '/', got {args.exp_name}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise SystemExit(f"error: --temperature must be positive (use --greedy for argmax actions), got {args.temperature}")
     if args.cuda and not torch.cuda.is_available():

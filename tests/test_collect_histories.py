@@ -575,8 +575,8 @@ A2C_BAD_INPUT = [
     (["--vf-coef", "inf"], "--vf-coef must be at least 0"),
     (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be positive"),
-    (["--exp-name", "a/b"], "--exp-name must be a file name"),
-    (["--exp-name", ""], "--exp-name must be a file name"),
+    (["--exp-name", "a/b"], "--exp-name must be a non-empty file name"),
+    (["--exp-name", ""], "--exp-name must be a non-empty file name"),
 ]
 BAD_INPUT = [
     (["--tasks", "9,0"], "unknown task '9,0'"),
@@ -601,8 +601,9 @@ BAD_INPUT = [
     (["--size", "1"], "--size must be at least 2"),
     (["--source", "noise", "--noise-floor", "-0.1"], "--noise-floor must be in [0, 1]"),
     (["--source", "explorer", "--explorer-eps", "nan"], "--explorer-eps must be in [0, 1]"),
-    (["--source", "dynaq", "--dynaq-q0", "nan"], "--dynaq-q0 must be finite"),
-    (["--source", "dynaq", "--dynaq-q0", "inf"], "--dynaq-q0 must be finite"),
+    (["--source", "dynaq", "--dynaq-q0", "nan"], "--dynaq-q0 must be in"),
+    (["--source", "dynaq", "--dynaq-q0", "inf"], "--dynaq-q0 must be in"),
+    (["--source", "dynaq", "--dynaq-q0", "1e300"], "--dynaq-q0 must be in"),
     (["--source", "dynaq", "--dynaq-gamma", "1.01"], "--dynaq-gamma must be in [0, 1]"),
     (["--source", "dynaq", "--dynaq-gamma", "nan"], "--dynaq-gamma must be in [0, 1]"),
     (["--source", "dynaq", "--dynaq-sweeps", "0"], "--dynaq-sweeps must be positive"),
