@@ -651,16 +651,17 @@ def check_history(path: str, expected_meta: dict, fix: str = "delete it or rerun
         raise SystemExit(f"error: {path} is corrupt or incomplete ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
     if not isinstance(meta, dict):
         raise SystemExit(f"error: {path} is corrupt: its metadata is not a JSON object; {fix}")
-    shape = (expected_meta["num_streams"], expected_meta["steps_per_stream"])
-    for key, dtype in HISTORY_KEYS.items():
-        if arrays[key].dtype != dtype or arrays[key].shape != shape:
-            raise SystemExit(f"error: {path} is corrupt: {key} is {arrays[key].dtype}{arrays[key].shape}, "
-                             f"expected {np.dtype(dtype)}{shape}; {fix}")
+    # the config first: a history of another config has other shapes too, and is not corrupt
     ignored = ("versions", "total_timesteps")
     for key in expected_meta:
         if key not in ignored and meta.get(key) != expected_meta[key]:
             raise SystemExit(f"error: {path} was made with another config ({key}: {meta.get(key)} != "
                              f"{expected_meta[key]}); {fix}, or use another --histories-dir")
+    shape = (expected_meta["num_streams"], expected_meta["steps_per_stream"])
+    for key, dtype in HISTORY_KEYS.items():
+        if arrays[key].dtype != dtype or arrays[key].shape != shape:
+            raise SystemExit(f"error: {path} is corrupt: {key} is {arrays[key].dtype}{arrays[key].shape}, "
+                             f"expected {np.dtype(dtype)}{shape}; {fix}")
 
 
 def write_atomic(path: str, write) -> None:

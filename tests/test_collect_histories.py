@@ -791,6 +791,9 @@ def test_corrupt_existing_history_is_an_error(tmp_path, capsys):
     arrays["states"] = arrays["states"][:, :-1]
     np.savez_compressed(path, metadata=np.array(json.dumps(meta)), **arrays)
     assert run_in_process(tmp_path, *base) != 0
+    assert "was made with another config (goal: [0, 2] != [0, 1])" in capsys.readouterr().err  # its metadata speaks first
+    np.savez_compressed(path, metadata=np.array(json.dumps({**meta, "goal": [0, 1]})), **arrays)
+    assert run_in_process(tmp_path, *base) != 0
     assert "is corrupt: states is uint8(2, 149)" in capsys.readouterr().err
     assert run_in_process(tmp_path, *base, "--overwrite") == 0
     check_dynamics(*load(path))
