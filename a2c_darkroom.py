@@ -59,11 +59,11 @@ class Args:
     size: int = 9
     """side of the square grid"""
     terminate_on_goal: bool = True
-    """end the episode when the goal is reached (the seed's choice); False = the AD paper's variant"""
+    """end the episode when the goal is reached (the original design's choice); False = the AD paper's variant"""
     max_episode_steps: int = 20
     """time limit of an episode (truncation)"""
 
-    # Algorithm (defaults: the seed's hyperparameters)
+    # Algorithm (defaults: the original design's hyperparameters)
     num_envs: int = 10
     """number of parallel envs"""
     num_steps: int = 10
@@ -116,8 +116,7 @@ def check_args(args: Args) -> None:
         raise SystemExit(f"error: --goal {row} {col} is outside the {args.size}x{args.size} grid; use 0..{args.size - 1}")
     if (row, col) == (args.size // 2, args.size // 2):
         raise SystemExit(f"error: --goal {row} {col} is the start cell; choose any other cell")
-    # about the peak: the interpreter and libraries, one env object (~4 KB measured) per env, the rollout (6 tensors of
-    # 8 bytes a value), the agent (parameters, gradients, two Adam moments in float32), the video's RGB frames
+    # the peak, roughly: libraries, the env objects, the rollout, the agent with its Adam moments, the video's frames
     frames = 3 * (args.max_episode_steps + 3) if args.capture_video else 0
     needed = (300 * 2**20 + 8192 * args.num_envs + 48 * args.num_steps * args.num_envs
               + 16 * (args.hidden_size * (args.size**2 + 6) + 6) + frames * 3 * (32 * args.size) ** 2)
@@ -161,25 +160,10 @@ def write_atomic(path: str, write) -> None:
         raise
 
 
-class EpisodeTimestep(gym.Wrapper):
-    """Puts the within-episode time step (steps taken so far, 0 at reset) in `info["timestep"]`."""
-
-    def reset(self, **kwargs):
-        self.timestep = 0
-        obs, info = self.env.reset(**kwargs)
-        return obs, {**info, "timestep": 0}
-
-    def step(self, action):
-        self.timestep += 1
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        return obs, reward, terminated, truncated, {**info, "timestep": self.timestep}
-
-
 def make_env(size: int, goal: Tuple[int, int], terminate_on_goal: bool, max_episode_steps: int):
     def thunk():
         env = DarkRoom(size=size, goal=goal, random_start=False, terminate_on_goal=terminate_on_goal)
-        env = gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
-        return EpisodeTimestep(env)
+        return gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
 
     return thunk
 
@@ -325,20 +309,15 @@ if __name__ == "__main__":
                 rewards[step] = torch.tensor(reward, device=device)
                 terminateds[step] = torch.tensor(terminated, device=device)
                 truncateds[step] = torch.tensor(truncated & ~terminated, device=device)
-                # the true next state: the final observation where the episode ended, else the new observation
-                true_next = next_obs_np.copy()
+                true_next = next_obs_np.copy()  # the true next state: the final observation where the episode ended
                 if "final_obs" in infos:
-                    ended = infos["_final_obs"]
-                    true_next[ended] = infos["final_obs"][ended].astype(np.int64)
+                    true_next[infos["_final_obs"]] = infos["final_obs"][infos["_final_obs"]].astype(np.int64)
                 next_obs_true[step] = torch.tensor(true_next, device=device)
                 next_obs = torch.tensor(next_obs_np, device=device)
-
-                if "episode" in infos:
-                    for i in np.flatnonzero(infos["_episode"]):
-                        episodic_return, episodic_length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
-                        recent_success.append(float(episodic_return > 0))
-                        writer.add_scalar("charts/episodic_return", episodic_return, global_step)
-                        writer.add_scalar("charts/episodic_length", episodic_length, global_step)
+                for i in np.flatnonzero(infos.get("_episode", [])):
+                    recent_success.append(float(infos["episode"]["r"][i] > 0))
+                    writer.add_scalar("charts/episodic_return", float(infos["episode"]["r"][i]), global_step)
+                    writer.add_scalar("charts/episodic_length", int(infos["episode"]["l"][i]), global_step)
 
             # ALGO LOGIC: n-step returns, bootstrapped from the critic
             with torch.no_grad():
@@ -356,12 +335,11 @@ if __name__ == "__main__":
             if update % args.log_every == 0 or update == args.num_updates:
                 success_rate = float(np.mean(recent_success)) if recent_success else 0.0
                 sps = int(global_step / (time.time() - start_time))
-                writer.add_scalar("charts/success_rate", success_rate, global_step)
-                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-                writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-                writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-                writer.add_scalar("charts/SPS", sps, global_step)
+                scalars = {"charts/success_rate": success_rate, "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                           "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
+                           "losses/entropy": entropy_loss.item(), "charts/SPS": sps}
+                for tag, value in scalars.items():
+                    writer.add_scalar(tag, value, global_step)
                 progress.set_postfix(step=global_step, success=f"{success_rate:.2f}", sps=sps)
 
     envs.close()

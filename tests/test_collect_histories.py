@@ -91,10 +91,24 @@ def load(path):
 # ---------------------------------------------------------------------------------------------- the vectorized env
 
 
+class EpisodeTimestep(gym.Wrapper):
+    """Puts the within-episode time step (steps taken so far, 0 at reset) in `info["timestep"]`."""
+
+    def reset(self, **kwargs):
+        self.timestep = 0
+        obs, info = self.env.reset(**kwargs)
+        return obs, {**info, "timestep": 0}
+
+    def step(self, action):
+        self.timestep += 1
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, {**info, "timestep": self.timestep}
+
+
 def toymeta_env(size, goal, terminate_on_goal, max_episode_steps, random_start):
-    """a2c_darkroom.make_env's env (toymeta DarkRoom + TimeLimit + the episode's timestep), with or without random starts."""
+    """a2c_darkroom.make_env's env (toymeta DarkRoom + TimeLimit) with the episode's timestep, with or without random starts."""
     env = DarkRoom(size=size, goal=goal, random_start=random_start, terminate_on_goal=terminate_on_goal)
-    return a2c_darkroom.EpisodeTimestep(gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps))
+    return EpisodeTimestep(gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps))
 
 
 @pytest.mark.parametrize("terminate_on_goal, max_episode_steps, random_start",
