@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -53,8 +54,7 @@ class Args:
     cuda: bool = False
     """if toggled, evaluate on CUDA when it is available"""
     num_threads: int = 1
-    """CPU threads for torch: a step feeds one token per env, too little work for two threads (next to another job on
-    the 2 cores, 2 threads made the evaluation up to 60x slower here)"""
+    """CPU threads for torch: a step feeds one token per env, too little work to share between threads"""
 
     checkpoint: str = tyro.MISSING
     """an `ad_dt_UPDATE.pt` written by ad_dt.py (required); it holds the model and the task split"""
@@ -80,14 +80,13 @@ class Args:
     out_dir: Optional[str] = None
     """where results.json, return_by_episode.png, video.mp4 and trajectories.npz go; default `results/{run_name}`"""
 
+
 def check_args(args):
     """Reject every bad flag with a one-line message naming it, before any work."""
-    for name in ("episodes", "seeds", "num_threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("seed", "loss_windows", "video_episodes", "video_task"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    for name, low in (("episodes", 1), ("seeds", 1), ("num_threads", 1), ("seed", 0), ("loss_windows", 0),
+                      ("video_episodes", 0), ("video_task", 0)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if args.seed >= 2**32:
         raise SystemExit(f"error: --seed must be in 0..2**32-1 (numpy's seeds), got {args.seed}")
     if not 0 < len(args.exp_name.encode()) <= 200 or "/" in args.exp_name:
@@ -100,7 +99,7 @@ def check_args(args):
         raise SystemExit(f"error: --out-dir {args.out_dir} is a file: give a directory")
 
 
-# baselines: policies that act in the same batched rooms as the model
+# baselines: policies that act in the same batched rooms as the model, with act(states) and observe(one step)
 def step_towards(states, targets, size):
     """The action that takes each cell one step closer to its target cell (rows first, then columns; noop on it).
     Deterministic, unlike the scripted explorer's random axis in collect_histories.py: every shortest path is as
@@ -110,29 +109,19 @@ def step_towards(states, targets, size):
 
 
 class RandomPolicy:
-    """Uniformly random actions."""
+    """Uniformly random actions; learns nothing."""
 
     def __init__(self, num_envs, size, goal_states, rng):
-        self.rng = rng
-
-    def act(self, states):
-        return self.rng.integers(0, NUM_ACTIONS, len(states))
-
-    def observe(self, reached, rewards, terminated, ended):
-        pass
+        self.act = lambda states: rng.integers(0, NUM_ACTIONS, len(states))
+        self.observe = lambda *step: None
 
 
 class OptimalPolicy:
     """Knows the goal: the shortest path to it in every episode, and stays on it when the episode does not end there."""
 
     def __init__(self, num_envs, size, goal_states, rng=None):
-        self.size, self.goal_states = size, goal_states
-
-    def act(self, states):
-        return step_towards(states, self.goal_states, self.size)
-
-    def observe(self, reached, rewards, terminated, ended):
-        pass
+        self.act = lambda states: step_towards(states, goal_states, size)
+        self.observe = lambda *step: None
 
 
 class ExplorationOracle:
@@ -241,16 +230,10 @@ def history_action_loss(model, histories, history_len, keep_every, num_windows, 
     return total / num_windows
 
 
-@dataclass
-class Runs:
-    """One method's episodes on one set of goals."""
-
-    returns: np.ndarray  # [runs, episodes]
-    task_of_run: np.ndarray  # [runs]: index into goals
-    goals: list  # [[row, col], ...]
+# results: curves with 95% intervals and the signs of in-context learning, per method
+Runs = namedtuple("Runs", "returns task_of_run goals")  # one method's episodes: [runs, episodes], [runs] index into goals
 
 
-# results: curves with 95% intervals, diagnostics, table, plot, video
 def by_episode(values):
     """Mean and 95% interval (normal approximation over runs) per episode index of values [runs, episodes]."""
     values = values.astype(np.float64)
@@ -261,16 +244,10 @@ def summarize(runs):
     """A method's entry of results.json: curves over all runs, and per task (mean over its runs)."""
     successes = runs.returns > 0
     per_task = [np.flatnonzero(runs.task_of_run == t) for t in range(len(runs.goals))]
-    return {
-        "return_by_episode": by_episode(runs.returns),
-        "success_by_episode": by_episode(successes),
-        "runs": len(runs.returns),
-        "per_task": {
-            "goals": [list(map(int, g)) for g in runs.goals],
-            "return_by_episode": [runs.returns[rows].mean(0).tolist() for rows in per_task],
-            "success_by_episode": [successes[rows].mean(0).tolist() for rows in per_task],
-        },
-    }
+    return {"return_by_episode": by_episode(runs.returns), "success_by_episode": by_episode(successes), "runs": len(runs.returns),
+            "per_task": {"goals": [list(map(int, g)) for g in runs.goals],
+                         "return_by_episode": [runs.returns[rows].mean(0).tolist() for rows in per_task],
+                         "success_by_episode": [successes[rows].mean(0).tolist() for rows in per_task]}}
 
 
 def diagnose(returns):
@@ -307,29 +284,78 @@ def success_by_context(returns, timesteps, seq_len):
             **{f"{part}_episodes": n for part, (n, _) in counts.items()}}
 
 
-def first_reaching(mean, target):
-    """1-based index of the first entry of `mean` >= target, or None."""
-    hits = np.flatnonzero(np.asarray(mean) >= target - 1e-9)
-    return int(hits[0]) + 1 if len(hits) else None
-
-
-def table_episodes(num_episodes):
-    """1, 2, 5, 10, 20, 50, ... up to num_episodes, and num_episodes itself."""
-    marks = [m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e <= num_episodes]
-    return marks if marks[-1] == num_episodes else marks + [num_episodes]
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
-
-
 def fidelity(methods, source):
     """AD's success minus its source's (from scratch), per episode where both have one: how closely AD imitates."""
     if source not in methods:
         return None
-    ad, src = methods["ad"]["success_by_episode"]["mean"], methods[source]["success_by_episode"]["mean"]
-    return [a - s for a, s in zip(ad, src)]
+    return [a - s for a, s in zip(methods["ad"]["success_by_episode"]["mean"], methods[source]["success_by_episode"]["mean"])]
+
+
+def evaluate_methods(model, goals, env, histories, source, meta, args):
+    """AD in context, the random, optimal and oracle baselines, and the source from scratch, all on these goals with the
+    same episodes and env settings. Returns ({method: Runs}, AD's trajectories, AD's seconds, notes)."""
+    start_time = time.perf_counter()
+    result = evaluate_in_context(model, goals, env, args.seeds, args.episodes, args.greedy, args.seed, temperature=args.temperature)
+    seconds = time.perf_counter() - start_time
+    task_of_run = np.arange(len(result["returns"])) // args.seeds
+    methods, notes = {"ad": Runs(result["returns"], task_of_run, goals)}, []
+    policies = {"random": RandomPolicy, "optimal": OptimalPolicy, "oracle": ExplorationOracle}
+    if source in LEARNER_PER_STREAM:  # run the source itself from scratch, as long as the model
+        policies[source] = partial(SourceLearner, meta=meta)
+    for name, policy in policies.items():
+        runs = run_policy(policy, goals, env, args.seeds, args.episodes, np.random.default_rng(args.seed), args.seed)
+        methods[name] = Runs(runs["returns"], task_of_run, goals)
+    if source not in LEARNER_PER_STREAM and histories:  # a trained source (A2C): episode k of every stream of its histories
+        returns, task_of_row = source_episodes(histories, args.episodes)
+        methods[source] = Runs(returns, task_of_row, [h["meta"]["goal"] for h in histories])
+        if returns.shape[1] < args.episodes:
+            notes.append(f"some {source} stream holds only {returns.shape[1]} whole episodes, its curve stops there")
+    return methods, result, seconds, notes
+
+
+# plumbing: the inputs checked before any work, outputs written atomically, the terminal report
+def load_run(args, device):
+    """The model, its task split and the histories beside it, each checked against the others, and the output directory,
+    made writable; bad input exits here, before the evaluation. Returns a dict of them, with notes on the baselines."""
+    model, checkpoint = load_checkpoint(args.checkpoint, device)
+    tasks = checkpoint.get("tasks")
+    if not isinstance(tasks, dict) or not {"train", "test", "env"} <= set(tasks):
+        raise SystemExit(f"error: {args.checkpoint} holds no task split (train, test, env): not a checkpoint of ad_dt.py")
+    env = tasks["env"]
+    if (model.config.num_states, model.config.max_episode_steps) != (env["size"] ** 2, env["max_episode_steps"]):
+        raise SystemExit(f"error: the model in {args.checkpoint} does not fit its env {env}")
+    if args.video_task >= len(tasks["test"]):
+        raise SystemExit(f"error: --video-task must be in 0..{len(tasks['test']) - 1}, got {args.video_task}")
+    histories_dir = Path(args.histories_dir or checkpoint.get("args", {}).get("histories_dir", "histories"))
+    on_disk, test_histories = load_histories(histories_dir, "test")  # validated; held-out goals only
+    if any(on_disk.get(key) != tasks.get(key) for key in ("train", "test", "env", "source", "algo")):
+        raise SystemExit(f"error: {histories_dir}/tasks.json has another task split, env or source than {args.checkpoint}: "
+                         f"use the --histories-dir it was trained on")
+    train_histories = load_histories(histories_dir, "train")[1] if args.loss_windows > 0 or args.train_tasks else []
+    for part, histories in (("test", test_histories), ("train", train_histories)):  # in the split's order, as the other methods
+        histories.sort(key=lambda h: tasks[part].index(h["meta"]["goal"]))
+    metas = [h["meta"] for h in test_histories + train_histories]
+    source = metas[0].get("source", "a2c") if metas else None  # names the from-scratch baseline
+    update = checkpoint.get("update", 0)
+    run_name = f"{checkpoint.get('run_name', Path(args.checkpoint).parent.name)}__{update}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    out_dir = Path(args.out_dir or f"results/{run_name}")
+    try:  # writable before the evaluation, not after it
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".writable").touch()
+        (out_dir / ".writable").unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write --out-dir {out_dir} ({e.strerror}): give a writable directory")
+    notes, num_envs = [], (metas or [{}])[0].get("algo", {}).get("num_envs", 1)
+    if source in LEARNER_PER_STREAM:
+        notes.append(f"the {source} baseline is the source run from scratch here, with the histories' config ({metas[0]['algo']})")
+    elif not test_histories:
+        notes.append(f"no held-out histories in {histories_dir}/test: the source-from-scratch baseline is left out; run `python collect_histories.py --tasks test`")
+    elif len(test_histories) < len(tasks["test"]):
+        notes.append(f"the source-from-scratch baseline covers the {len(test_histories)} of {len(tasks['test'])} held-out goals with a history in {histories_dir}/test")
+    if source == "a2c" and num_envs > 1:
+        notes.append(f"each A2C stream is 1 of {num_envs} parallel envs of one agent: its episode k comes after about {num_envs}k episodes of the agent's experience")
+    return dict(model=model, checkpoint=checkpoint, tasks=tasks, env=env, histories_dir=histories_dir, test_histories=test_histories,
+                train_histories=train_histories, meta=metas[0] if metas else None, source=source, update=update, out_dir=out_dir, notes=notes)
 
 
 def write_atomic(path, write):
@@ -352,11 +378,11 @@ def plot_results(path, methods, train_methods, labels, title, source_gap=None):
     axes = fig.subplots(1, 3 if source_gap else 2)
     for ax, key, ylabel in zip(axes, ("return_by_episode", "success_by_episode"), ("return per episode", "success rate")):
         for curves, style, suffix in ((methods, "-", ""), (train_methods, "--", ", training goals")):
-            for i, (name, result) in enumerate(curves.items()):
-                mean, ci = np.array(result[key]["mean"]), np.array(result[key]["ci95"])
+            for name, result in curves.items():
+                mean, ci, color = np.array(result[key]["mean"]), np.array(result[key]["ci95"]), f"C{list(labels).index(name)}"
                 episodes = np.arange(1, len(mean) + 1)
-                ax.plot(episodes, mean, style, color=f"C{list(labels).index(name)}", label=labels[name] + suffix)
-                ax.fill_between(episodes, mean - ci, mean + ci, color=f"C{list(labels).index(name)}", alpha=0.15)
+                ax.plot(episodes, mean, style, color=color, label=labels[name] + suffix)
+                ax.fill_between(episodes, mean - ci, mean + ci, color=color, alpha=0.15)
         ax.set(ylabel=ylabel)
     if source_gap:
         axes[2].plot(np.arange(1, len(source_gap) + 1), source_gap, "o-", color="C0", ms=3)
@@ -389,31 +415,24 @@ def video_frames(states, next_states, timesteps, returns, goal, size, num_episod
     episode's path in dark green, cells seen in earlier episodes lighter, and a bar below with one segment per
     episode (green: reached the goal, red: did not, grey: the current one, filling with its steps)."""
     episode_of_step = np.cumsum(timesteps == 0) - 1
-    steps = np.flatnonzero(episode_of_step < num_episodes)
     num_episodes = min(num_episodes, int(episode_of_step[-1]) + 1)
-    seen, path = set(), []
+    seen, path, frames = set(), [], []
 
     def frame(cell, episode, progress):
         image = render_frame(size, goal, cell, scale)
         for painted, color in ((seen, (70, 70, 80)), (path, (30, 110, 30))):
-            for c in painted:
-                r, k = divmod(int(c), size)
-                if c != cell and (r, k) != tuple(goal):
+            for r, k in (divmod(int(c), size) for c in painted if c != cell):
+                if (r, k) != tuple(goal):
                     image[r * scale + 1 : (r + 1) * scale, k * scale + 1 : (k + 1) * scale] = color
         bar = np.zeros((scale, size * scale, 3), np.uint8)
         for e in range(num_episodes):
             x0, x1 = e * bar.shape[1] // num_episodes, (e + 1) * bar.shape[1] // num_episodes - 1
-            if e < episode:
-                bar[4:-4, x0:x1] = (40, 200, 40) if returns[e] > 0 else (200, 40, 40)
-            elif e == episode:
-                bar[4:-4, x0:x1] = (60, 60, 60)
+            bar[4:-4, x0:x1] = (30, 30, 30) if e > episode else (60, 60, 60) if e == episode else (40, 200, 40) if returns[e] > 0 else (200, 40, 40)
+            if e == episode:  # the current one fills with its steps
                 bar[4:-4, x0 : x0 + max(1, int(progress * (x1 - x0)))] = (200, 200, 200)
-            else:
-                bar[4:-4, x0:x1] = (30, 30, 30)
         return np.concatenate([image, bar])
 
-    frames = []
-    for t in steps:
+    for t in np.flatnonzero(episode_of_step < num_episodes):
         episode = int(episode_of_step[t])
         frames.append(frame(int(states[t]), episode, timesteps[t] / max_episode_steps))
         path.append(int(states[t]))
@@ -425,45 +444,37 @@ def video_frames(states, next_states, timesteps, returns, goal, size, num_episod
     return frames
 
 
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
 
 def report(results, args, out_dir):
-    """The terminal summary: return by episode (success in brackets where it differs), fidelity to the source, then the
-    diagnostics and the teacher-forced losses."""
+    """The terminal summary: return by episode (success in brackets where it differs) at episodes 1, 2, 5, 10, 20, 50, ...
+    and the last, fidelity to the source, then the diagnostics and the teacher-forced losses."""
     names, source, episodes = list(results["methods"]), results["source"], results["args"]["episodes"]
-    gap = results["diagnostics"]["fidelity_to_source"]
+    gap, fmt = results["diagnostics"]["fidelity_to_source"], lambda x: "-" if x is None else f"{x:.2f}"
+    marks = [m * 10**e for e in range(7) for m in (1, 2, 5) if m * 10**e < episodes] + [episodes]
     rows = []
-    for e in table_episodes(episodes):
+    for e in marks:
         row = [e]
-        for name in names:
-            curve = results["methods"][name]
-            if e > len(curve["return_by_episode"]["mean"]):
-                row.append("")
-                continue
-            cell = f"{curve['return_by_episode']['mean'][e - 1]:.2f} ± {curve['return_by_episode']['ci95'][e - 1]:.2f}"
-            if not results["env"]["terminate_on_goal"]:
-                cell += f" ({curve['success_by_episode']['mean'][e - 1]:.2f})"
-            row.append(cell)
-        if gap is not None:
-            row.append(f"{gap[e - 1]:+.2f}" if e <= len(gap) else "")
-        rows.append(row)
+        for curve in (results["methods"][name] for name in names):
+            returns, successes = curve["return_by_episode"], curve["success_by_episode"]["mean"]
+            row.append("" if e > len(returns["mean"]) else f"{returns['mean'][e - 1]:.2f} ± {returns['ci95'][e - 1]:.2f}"
+                       + ("" if results["env"]["terminate_on_goal"] else f" ({successes[e - 1]:.2f})"))
+        rows.append(row + ([f"{gap[e - 1]:+.2f}" if e <= len(gap) else ""] if gap is not None else []))
     reach = results["diagnostics"]["episode_reaching_90pct_of_optimal"]
     rows.append(["90% of optimal"] + [reach[name] or "never" for name in names] + ([""] if gap is not None else []))
     runs = ", ".join(f"{name} {results['methods'][name]['runs']}" for name in names)
     print(f"\nheld-out goals, return by episode (mean ± 95% interval; runs: {runs}):\n")
     print(markdown_table(["episode"] + names + ([f"AD - {source} success"] if gap is not None else []), rows))
-
-    def fmt(x):
-        return "-" if x is None else f"{x:.2f}"
-
-    diagnostic_rows = []
-    for part, diagnostics in (("held-out", results["diagnostics"]["held_out"]),
-                              ("train", (results["diagnostics"]["train_goals"] or {}).get("diagnostics", {}))):
-        for name, d in diagnostics.items():
-            diagnostic_rows.append([f"{name} ({part})", fmt(d["success_episode_1"]), fmt(d["success_episodes_11_20"]),
-                                    fmt(d["success_after_success"]), fmt(d["first_success_episode"]), fmt(d["never_succeeded"])])
+    rows = [[f"{name} ({part})"] + [fmt(d[key]) for key in ("success_episode_1", "success_episodes_11_20", "success_after_success",
+                                                             "first_success_episode", "never_succeeded")]
+            for part, diagnostics in (("held-out", results["diagnostics"]["held_out"]),
+                                      ("train", (results["diagnostics"]["train_goals"] or {}).get("diagnostics", {})))
+            for name, d in diagnostics.items()]
     header = ["method (goals)", "success ep. 1", "success ep. 11-20", "success after success", "first success (mean ep.)", "never succeeded"]
-    print(f"\nover {episodes} episodes:\n\n" + markdown_table(header, diagnostic_rows))
-    print()
+    print(f"\nover {episodes} episodes:\n\n" + markdown_table(header, rows) + "\n")
     for part, d in results["diagnostics"]["ad_success_by_context"].items():
         print(f"AD's success after its first success, {part.replace('_', ' ')}: {fmt(d['first_context'])} in the episodes that "
               f"start in its first {d['seq_len']} steps (while the context holds the whole run), {fmt(d['after_cut'])} in "
@@ -487,128 +498,73 @@ if __name__ == "__main__":
     torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.cuda else "cpu")
 
-    # the model, its task split, and the histories next to it; bad input exits before anything is written
-    model, checkpoint = load_checkpoint(args.checkpoint, device)
-    tasks = checkpoint.get("tasks")
-    if not isinstance(tasks, dict) or not {"train", "test", "env"} <= set(tasks):
-        raise SystemExit(f"error: {args.checkpoint} holds no task split (train, test, env): not a checkpoint of ad_dt.py")
-    env = tasks["env"]
-    if (model.config.num_states, model.config.max_episode_steps) != (env["size"] ** 2, env["max_episode_steps"]):
-        raise SystemExit(f"error: the model in {args.checkpoint} does not fit its env {env}")
-    if args.video_task >= len(tasks["test"]):
-        raise SystemExit(f"error: --video-task must be in 0..{len(tasks['test']) - 1}, got {args.video_task}")
-    histories_dir = Path(args.histories_dir or checkpoint.get("args", {}).get("histories_dir", "histories"))
-    on_disk, test_histories = load_histories(histories_dir, "test")  # validated; held-out goals only
-    if any(on_disk.get(key) != tasks.get(key) for key in ("train", "test", "env", "source", "algo")):
-        raise SystemExit(f"error: {histories_dir}/tasks.json has another task split, env or source than {args.checkpoint}: "
-                         f"use the --histories-dir it was trained on")
-    train_histories = load_histories(histories_dir, "train")[1] if args.loss_windows > 0 or args.train_tasks else []
-    for part, histories in (("test", test_histories), ("train", train_histories)):  # in the split's order, as the other methods
-        histories.sort(key=lambda h: tasks[part].index(h["meta"]["goal"]))
-    metas = [h["meta"] for h in test_histories + train_histories]
-    source = metas[0].get("source", "a2c") if metas else None  # names the from-scratch baseline
-    update = checkpoint.get("update", 0)
-    run_name = f"{checkpoint.get('run_name', Path(args.checkpoint).parent.name)}__{update}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    out_dir = Path(args.out_dir or f"results/{run_name}")
-    try:  # writable before the evaluation, not after it
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".writable").touch()
-        (out_dir / ".writable").unlink()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write --out-dir {out_dir} ({e.strerror}): give a writable directory")
-    KEPT = f"nothing: {out_dir}/ gets its files only once the evaluation is done"
-    notes = []
-    if source in LEARNER_PER_STREAM:
-        notes.append(f"the {source} baseline is the source run from scratch here, with the histories' config ({metas[0]['algo']})")
-    elif not test_histories:
-        notes.append(f"no held-out histories in {histories_dir}/test: the source-from-scratch baseline is left out; run `python collect_histories.py --tasks test`")
-    elif len(test_histories) < len(tasks["test"]):
-        notes.append(f"the source-from-scratch baseline covers the {len(test_histories)} of {len(tasks['test'])} held-out goals with a history in {histories_dir}/test")
-    num_envs = (metas or [{}])[0].get("algo", {}).get("num_envs", 1)
-    if source == "a2c" and num_envs > 1:
-        notes.append(f"each A2C stream is 1 of {num_envs} parallel envs of one agent: its episode k comes after about {num_envs}k episodes of the agent's experience")
+    # the model, its task split and the histories beside it; bad input exits before anything is written
+    run = load_run(args, device)
+    model, checkpoint, tasks, env, source, out_dir = (run[key] for key in ("model", "checkpoint", "tasks", "env", "source", "out_dir"))
+    KEPT, notes = f"nothing: {out_dir}/ gets its files only once the evaluation is done", run["notes"]
     for note in notes:
         print(f"note: {note}")
-    print(f"{args.checkpoint}: update {update}, {sum(p.numel() for p in model.parameters())} parameters; "
+    print(f"{args.checkpoint}: update {run['update']}, {sum(p.numel() for p in model.parameters())} parameters; "
           f"{len(tasks['test'])} held-out goals x {args.seeds} seeds x {args.episodes} episodes")
 
-    # ALGO LOGIC: every method on the same goals, episodes and env settings
-    goal_sets = {"held_out": tasks["test"], **({"train_goals": tasks["train"]} if args.train_tasks else {})}
-    methods, trajectories, timings = {part: {} for part in goal_sets}, {}, {}
-    for part, goals in goal_sets.items():
-        start_time = time.perf_counter()
-        result = evaluate_in_context(model, goals, env, args.seeds, args.episodes, args.greedy, args.seed, temperature=args.temperature)
-        timings[f"ad_{part}_s"] = time.perf_counter() - start_time
-        trajectories[part] = result
-        task_of_run = np.arange(len(result["returns"])) // args.seeds
-        methods[part]["ad"] = Runs(result["returns"], task_of_run, goals)
-        for name, policy in (("random", RandomPolicy), ("optimal", OptimalPolicy), ("oracle", ExplorationOracle)):
-            baseline = run_policy(policy, goals, env, args.seeds, args.episodes, np.random.default_rng(args.seed), args.seed)
-            methods[part][name] = Runs(baseline["returns"], task_of_run, goals)
-        histories = test_histories if part == "held_out" else train_histories
-        if source in LEARNER_PER_STREAM:  # run the source itself from scratch, as long as the model
-            runs = run_policy(partial(SourceLearner, meta=metas[0]), goals, env, args.seeds, args.episodes,
-                              np.random.default_rng(args.seed), args.seed)
-            methods[part][source] = Runs(runs["returns"], task_of_run, goals)
-        elif histories:  # a trained source (A2C): episode k of every stream of its histories on these goals
-            returns, task_of_row = source_episodes(histories, args.episodes)
-            methods[part][source] = Runs(returns, task_of_row, [h["meta"]["goal"] for h in histories])
-            if returns.shape[1] < args.episodes:
-                notes.append(f"{part}: some {source} stream holds only {returns.shape[1]} whole episodes, its curve stops there")
-                print(f"note: {notes[-1]}")
-        print(f"{part}: model {timings[f'ad_{part}_s']:.1f} s for {result['actions'].size} actions ({result['actions'].shape[1]} steps of {len(result['actions'])} envs)")
+    # ALGO LOGIC: every method on the same goals, episodes and env settings: held-out goals, and training goals if asked
+    goal_sets = {"held_out": (tasks["test"], run["test_histories"])}
+    if args.train_tasks:
+        goal_sets["train_goals"] = (tasks["train"], run["train_histories"])
+    methods, trajectories, timings = {}, {}, {}
+    for part, (goals, histories) in goal_sets.items():
+        methods[part], trajectories[part], timings[f"ad_{part}_s"], part_notes = evaluate_methods(
+            model, goals, env, histories, source, run["meta"], args)
+        for note in part_notes:
+            notes.append(f"{part}: {note}")
+            print(f"note: {notes[-1]}")
+        actions = trajectories[part]["actions"]
+        print(f"{part}: model {timings[f'ad_{part}_s']:.1f} s for {actions.size} actions ({actions.shape[1]} steps of {len(actions)} envs)")
 
     # DIAGNOSTICS: in-context learning or copying? (see README.md#eval_adpy)
     loss = None
-    if args.loss_windows > 0:
+    if args.loss_windows > 0:  # how well AD predicts its source's actions, on held-out and on training histories
         start_time = time.perf_counter()
         train_args = checkpoint.get("args", {})
         pace = (train_args.get("history_len"), train_args.get("keep_every", 1))
         rng = np.random.default_rng(args.seed)
-        loss = {
-            "held_out": history_action_loss(model, test_histories, *pace, args.loss_windows, rng) if test_histories else None,
-            "train": history_action_loss(model, train_histories, *pace, args.loss_windows, rng) if train_histories else None,
-            "windows": args.loss_windows, "seq_len": model.config.seq_len, "history_len": pace[0], "keep_every": pace[1],
-            "source": source,
-        }
+        loss = {part: history_action_loss(model, run[f"{split}_histories"], *pace, args.loss_windows, rng) if run[f"{split}_histories"] else None
+                for part, split in (("held_out", "test"), ("train", "train"))}
+        loss.update(windows=args.loss_windows, seq_len=model.config.seq_len, history_len=pace[0], keep_every=pace[1], source=source)
         timings["teacher_forced_loss_s"] = time.perf_counter() - start_time
     summaries = {part: {name: summarize(runs) for name, runs in part_methods.items()} for part, part_methods in methods.items()}
+    diagnostics = {part: {name: diagnose(runs.returns) for name, runs in part_methods.items()} for part, part_methods in methods.items()}
+    optimal_return = float(np.mean(summaries["held_out"]["optimal"]["return_by_episode"]["mean"]))
     results = {
-        "args": {**asdict(args), "histories_dir": str(histories_dir), "out_dir": str(out_dir)},
-        "checkpoint": {"path": str(args.checkpoint), "run_name": checkpoint.get("run_name"), "update": update,
+        "args": {**asdict(args), "histories_dir": str(run["histories_dir"]), "out_dir": str(out_dir)},
+        "checkpoint": {"path": str(args.checkpoint), "run_name": checkpoint.get("run_name"), "update": run["update"],
                        "model_config": checkpoint["model_config"], "train_args": checkpoint.get("args")},
         "env": env,
         "tasks": {"held_out": tasks["test"], "train": tasks["train"]},
         "source": source,
         "methods": summaries["held_out"],
         "diagnostics": {
-            "held_out": {name: diagnose(runs.returns) for name, runs in methods["held_out"].items()},
-            "train_goals": None,
+            "held_out": diagnostics["held_out"],
+            "train_goals": {"methods": summaries["train_goals"], "diagnostics": diagnostics["train_goals"],
+                            "fidelity_to_source": fidelity(summaries["train_goals"], source)} if args.train_tasks else None,
             "teacher_forced_loss": loss,
             "fidelity_to_source": fidelity(summaries["held_out"], source),
-            "episode_reaching_90pct_of_optimal": {},
+            "episode_reaching_90pct_of_optimal": {name: next((e + 1 for e, mean in enumerate(result["return_by_episode"]["mean"])
+                                                              if mean >= 0.9 * optimal_return - 1e-9), None)
+                                                  for name, result in summaries["held_out"].items()},
             "ad_success_by_context": {part: success_by_context(result["returns"], result["timesteps"], model.config.seq_len)
                                       for part, result in trajectories.items()},
         },
         "notes": notes,
         "timings": timings,
     }
-    if args.train_tasks:
-        results["diagnostics"]["train_goals"] = {
-            "methods": summaries["train_goals"],
-            "diagnostics": {name: diagnose(runs.returns) for name, runs in methods["train_goals"].items()},
-            "fidelity_to_source": fidelity(summaries["train_goals"], source),
-        }
-    optimal_return = float(np.mean(results["methods"]["optimal"]["return_by_episode"]["mean"]))
-    for name, result in results["methods"].items():
-        results["diagnostics"]["episode_reaching_90pct_of_optimal"][name] = first_reaching(result["return_by_episode"]["mean"], 0.9 * optimal_return)
 
     # outputs, each written atomically
     write_atomic(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     KEPT = f"{out_dir}/results.json (the plot, trajectories or video may be missing: rerun to write them)"
     labels = {"ad": "AD (in context)", "random": "random", "optimal": "optimal (knows the goal)", "oracle": "exploration oracle",
               **({source: f"{source} from scratch (one stream)"} if source else {})}
-    title = (f"{results['checkpoint']['run_name']} update {update}: {len(tasks['test'])} held-out goals x {args.seeds} seeds"
+    title = (f"{results['checkpoint']['run_name']} update {run['update']}: {len(tasks['test'])} held-out goals x {args.seeds} seeds"
              f" ({'terminate' if env['terminate_on_goal'] else 'no-terminate'} mode, {'greedy' if args.greedy else 'sampled'} actions)")
     plot_results(out_dir / "return_by_episode.png", results["methods"], {"ad": summaries["train_goals"]["ad"]} if args.train_tasks else {},
                  labels, title, results["diagnostics"]["fidelity_to_source"])

@@ -1,4 +1,5 @@
 """Tests of eval_ad.py: the baselines against exact references, the diagnostics, its copies of ad_dt.py's code, and a tiny end-to-end run."""
+import inspect
 import json
 import runpy
 import shutil
@@ -154,6 +155,11 @@ def test_plot_and_video_exist_and_read_back(evaluated):
     row, col = TEST_GOALS[0]
     assert np.abs(frames[0][row * 32 + 16, col * 32 + 16].astype(int) - (220, 40, 40)).max() < 40  # the goal is shown
     assert not list(out.glob("*.tmp*"))
+
+
+def test_render_frame_is_a2c_darkroom_s_copy():  # a small helper copied on purpose: eval_ad.py needs no a2c_darkroom.py
+    import a2c_darkroom
+    assert inspect.getsource(eval_ad.render_frame) == inspect.getsource(a2c_darkroom.render_frame)
 
 
 # baselines against exact references
