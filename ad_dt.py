@@ -79,10 +79,6 @@ class Args:
     """every transition also shows the state the previous action was taken in (s_{t-1}; off: `--no-prev-state`), so one token holds
     the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as Dyna-Q answers at every
     step, is then one attention lookup instead of two"""
-    reward_memory: bool = False
-    """every transition also shows the cell where the run's most recent reward was received (none before the first; on:
-    `--reward-memory`): a one-cell summary of the run that survives when the evaluation's context is cut, where the window
-    alone forgets a goal found before it"""
     seq_len: int = 256
     """context length in transitions (tokens = seq_len x tokens per transition)"""
     embedding_dim: int = 64
@@ -152,7 +148,7 @@ HISTORY_FORMAT = {"states": (np.uint8, "cells"), "actions": (np.uint8, NUM_ACTIO
                   "next_states": (np.uint8, "cells"), "terminated": (np.bool_, None), "truncated": (np.bool_, None),
                   "timesteps": (np.uint8, "steps")}
 HISTORY_KEYS = tuple(HISTORY_FORMAT)
-INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states", "rewarded_states")  # ADTransformer.forward's, passed by name
+INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states")  # ADTransformer.forward's, passed by name
 # the prev_* columns of the training table: (the column they shift by one row, their value at a stream's first row, dtype)
 PREVIOUS = {"prev_actions": ("actions", NO_ACTION, np.uint8), "prev_rewards": ("rewards", NO_REWARD, np.uint8),
             "prev_next_states": ("next_states", NO_STATE, np.uint16), "prev_states": ("states", NO_STATE, np.uint16)}
@@ -318,11 +314,10 @@ def load_histories(histories_dir, split="train"):
 def make_dataset(histories, history_len=None, keep_every=1):
     """Cut each agent's history, keep every k-th episode, and flatten all streams into one table.
 
-    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps; prev_next_states, prev_states and
-    rewarded_states uint16) and `offsets` (stream i is rows offsets[i]:offsets[i+1]). The prev_* columns (PREVIOUS) hold
+    Returns flat uint8 arrays (states, actions, prev_actions, prev_rewards, timesteps; prev_next_states and
+    prev_states uint16) and `offsets` (stream i is rows offsets[i]:offsets[i+1]). The prev_* columns (PREVIOUS) hold
     the previous transition *of the same (paced) stream*, across episode boundaries, and NO_ACTION/NO_REWARD/NO_STATE
-    at its first row; rewarded_states the next state of the stream's latest rewarded transition before each row (NO_STATE
-    before the first), counted over every episode, kept or not, as the learner saw them.
+    at its first row.
     """
     columns = {key: [] for key in ("actions", *INPUT_KEYS)}
     lengths = []
@@ -342,11 +337,6 @@ def make_dataset(histories, history_len=None, keep_every=1):
                 columns[key].append(kept[key])
             for key, (source, first, dtype) in PREVIOUS.items():
                 columns[key].append(np.concatenate([[first], kept[source]])[:-1].astype(dtype))
-            # the reward memory: where the stream's latest reward before t (in any episode, kept or not) was received
-            rewarded = np.flatnonzero(h["rewards"][s, :steps])
-            cells = np.append(h["next_states"][s, rewarded], NO_STATE).astype(np.uint16)  # [-1]: none yet
-            latest = np.searchsorted(rewarded, np.arange(steps)) - 1  # the latest rewarded step before t, or -1
-            columns["rewarded_states"].append(cells[latest][keep])
             lengths.append(int(keep.sum()))
     data = {key: np.concatenate(parts) for key, parts in columns.items()}
     data["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -399,7 +389,6 @@ class GPTConfig:
     state_embedding: str = "cell"
     prev_next_state: bool = False
     prev_state: bool = False
-    reward_memory: bool = False
     embedding_dim: int = 64
     num_layers: int = 4
     num_heads: int = 4
@@ -491,8 +480,6 @@ class ADTransformer(nn.Module):
                 state_emb=state_emb,
                 next_state_emb=nn.Embedding(config.num_states + 1, d) if config.prev_next_state else nn.Identity(),  # + NO_STATE
                 prev_state_emb=nn.Embedding(config.num_states + 1, d) if config.prev_state else nn.Identity(),  # + NO_STATE
-                # row and column (each + "none"), so that a goal cell never rewarded in training still has its row and column
-                memory_emb=nn.ModuleDict(dict(row=nn.Embedding(size + 1, d), col=nn.Embedding(size + 1, d))) if config.reward_memory else nn.Identity(),
                 action_emb=nn.Embedding(NUM_ACTIONS + 1, d),  # + NO_ACTION
                 reward_emb=nn.Embedding(3, d),  # 0, 1, NO_REWARD
                 timestep_emb=nn.Embedding(config.max_episode_steps, d),  # position = the env's step in the episode
@@ -527,9 +514,9 @@ class ADTransformer(nn.Module):
             block.attn.kv_cache = None
 
     def forward(self, states, prev_actions, prev_rewards, timesteps, prev_next_states=None, prev_states=None,
-                rewarded_states=None, input_pos=None):
+                input_pos=None):
         """Inputs (INPUT_KEYS): LongTensors [B, T] of T consecutive transitions (prev_next_states and prev_states are
-        read only with config.prev_next_state and config.prev_state, rewarded_states with config.reward_memory). Returns action logits [B, T, NUM_ACTIONS].
+        read only with config.prev_next_state and config.prev_state). Returns action logits [B, T, NUM_ACTIONS].
         input_pos: None for a plain causal pass, or (with caches set up) the token positions
         [T * tokens_per_transition] of these transitions in the cached context."""
         tr = self.transformer
@@ -542,11 +529,6 @@ class ADTransformer(nn.Module):
             r = r + tr.next_state_emb(prev_next_states.clamp(max=self.config.num_states))
         if self.config.prev_state:  # the tried pair (s_{t-1}, a_{t-1}) in one token
             a = a + tr.prev_state_emb(prev_states.clamp(max=self.config.num_states))
-        if self.config.reward_memory:  # where the run was last rewarded: the goal, once found, past any cut of the context
-            none = rewarded_states >= self.config.num_states
-            row = torch.where(none, self.room_size, rewarded_states // self.room_size)
-            col = torch.where(none, self.room_size, rewarded_states % self.room_size)
-            s = s + tr.memory_emb["row"](row) + tr.memory_emb["col"](col)
         t = tr.timestep_emb(timesteps)  # [B, T, d]: position = the env's step within the episode
         if self.config.layout == "three":
             x = (torch.stack([a, r, s], dim=2) + t[:, :, None]).flatten(1, 2)  # [B, 3T, d]: ..., a_{t-1}, r_{t-1}, s_t, ...
@@ -596,8 +578,8 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     context = torch.zeros(len(INPUT_KEYS), N, L, dtype=torch.long, device=device)  # the INPUT_KEYS of each transition
     n = 0  # transitions in the context
     state, info = envs.reset()
-    prev_action, prev_reward, prev_next_state, prev_state, rewarded_state = (
-        np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE), np.full(N, NO_STATE), np.full(N, NO_STATE))
+    prev_action, prev_reward, prev_next_state, prev_state = (
+        np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE), np.full(N, NO_STATE))
     if use_cache:
         model.setup_caches(N)
     try:
@@ -606,7 +588,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             if n == L:  # full: keep the most recent `keep`, the new transition included, and re-prefill them
                 context[:, :, : keep - 1] = context[:, :, n - (keep - 1) : n].clone()
                 n, new = keep - 1, 0
-            transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state, prev_state, rewarded_state])  # INPUT_KEYS [7, N]
+            transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state, prev_state])  # INPUT_KEYS [6, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1
             window = slice(new if use_cache else 0, n)  # with the cache, only the transitions it has not seen
@@ -626,7 +608,6 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
             lengths[active, episode[active]] += 1
             episode += terminated | truncated
             prev_action, prev_reward, prev_next_state = action, reward.astype(np.int64), info["final_obs"]  # carried across the episode boundary
-            rewarded_state = np.where(reward > 0, info["final_obs"], rewarded_state)  # kept for the whole run, whatever the context holds
     finally:
         if use_cache:
             model.clear_caches()

@@ -113,13 +113,7 @@ def stream_inputs(result, rows, columns):
     reached = np.clip(rows_cols, 0, 8) @ np.array([9, 1])
     prev_next_states = np.concatenate([np.full((len(reached), 1), ad_dt.NO_STATE), reached[:, :-1]], axis=1)
     prev_states = np.concatenate([np.full((len(reached), 1), ad_dt.NO_STATE), result["states"][:, :-1]], axis=1)
-    # the reward memory, step by step: where the latest reward before t was received, whatever the context held
-    rewarded_states = np.full(result["states"].shape, ad_dt.NO_STATE)
-    for t in range(1, result["states"].shape[1]):
-        got = result["rewards"][:, t - 1] > 0
-        rewarded_states[:, t] = np.where(got, result["next_states"][:, t - 1], rewarded_states[:, t - 1])
-    arrays = (result["states"], prev_actions, prev_rewards.astype(np.int64), result["timesteps"], prev_next_states, prev_states,
-              rewarded_states)
+    arrays = (result["states"], prev_actions, prev_rewards.astype(np.int64), result["timesteps"], prev_next_states, prev_states)
     return [torch.as_tensor(a[rows][:, columns].astype(np.int64)) for a in arrays]
 
 
@@ -186,10 +180,6 @@ def test_previous_action_and_reward_cross_episode_boundaries(collection):
     # the state each previous action was taken in, across episode boundaries
     np.testing.assert_array_equal(data["prev_states"][1:n], h["states"][0, :-1])
     assert data["prev_states"][0] == data["prev_states"][n] == ad_dt.NO_STATE
-    # the reward memory: none up to the first reward, then the goal (terminate mode: every reward is at the goal)
-    first = ends[0] + 1  # the row after the first rewarded step
-    assert (data["rewarded_states"][:first] == ad_dt.NO_STATE).all() and (data["rewarded_states"][first:n] == goal).all()
-    assert data["rewarded_states"][n] == ad_dt.NO_STATE
 
 
 def test_pace_keeps_every_kth_episode_and_cuts_history(collection):
@@ -204,12 +194,6 @@ def test_pace_keeps_every_kth_episode_and_cuts_history(collection):
     np.testing.assert_array_equal(data["actions"][stream0], h["actions"][0, kept])
     # the previous action of a kept episode's first step is the last action of the kept episode before it
     np.testing.assert_array_equal(data["prev_actions"][stream0][1:], h["actions"][0, kept][:-1])
-    # the reward memory counts the rewards of the episodes left out too (the learner saw them)
-    memory, latest = [], ad_dt.NO_STATE
-    for t in range(200):
-        memory.append(latest)
-        latest = h["next_states"][0, t] if h["rewards"][0, t] else latest
-    np.testing.assert_array_equal(data["rewarded_states"][stream0], np.array(memory)[kept])
     assert len(data["offsets"]) == 3  # two streams
 
 
@@ -254,14 +238,12 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 # evaluation
-@pytest.mark.parametrize("layout, state_embedding, prev_next_state, prev_state, reward_memory, keep", [
-    ("one", "cell", False, False, False, None), ("three", "cell", False, True, True, 3), ("one", "rowcol", True, True, True, None),
-    ("three", "rowcol", True, False, False, 7)])
-def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state, prev_state,
-                                                                    reward_memory, keep):
+@pytest.mark.parametrize("layout, state_embedding, prev_next_state, prev_state, keep", [
+    ("one", "cell", False, False, None), ("three", "cell", False, True, 3), ("one", "rowcol", True, True, None),
+    ("three", "rowcol", True, False, 7)])
+def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state, prev_state, keep):
     seq_len = 8
-    model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state, prev_state=prev_state,
-                       reward_memory=reward_memory)
+    model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state, prev_state=prev_state)
     # goals next to the start: the random policy ends episodes early, at different steps in different envs
     goals = [[3, 4], [4, 5], [5, 4], [4, 3], [0, 0]]
     result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, keep=keep)
