@@ -1,6 +1,7 @@
 """The pipeline's promise: reproduce.sh's first stage is collect_histories.py with its defaults, and after it the
 design's command, `python ad_dt.py --seq-len 256` with no other flag, trains on those histories with the headline
 configuration (the one reproduce.sh's second stage runs)."""
+import os
 import re
 import subprocess
 import sys
@@ -16,8 +17,17 @@ import collect_histories  # noqa: E402
 
 def test_reproduce_sh_stages_one_and_two_are_the_scripts_defaults():
     script = (ROOT / "reproduce.sh").read_text()
-    assert re.search(r'^"\$PYTHON" collect_histories\.py( +#.*)?$', script, re.M)  # stage 1: no flag at all
-    assert re.search(r"^ad_and_eval ad_dynaq histories --seq-len 256$", script, re.M)  # stage 2: the design's command
+    # stage 1: no flag but the defaults (the split seed and directory), stage 2: the design's command, on the default split
+    assert re.search(r'^collect --histories-dir "histories\$S"( +#.*)?$', script, re.M)
+    assert re.search(r'^ad_and_eval "ad_dynaq\$S" "histories\$S" --seq-len 256$', script, re.M)
+    assert 'collect() { "$PYTHON" collect_histories.py --split-seed "$SPLIT_SEED" "$@"; }' in script
+    for split_seed, suffix in (("", ""), ("0", ""), ("2", "_split2")):  # the directories' suffix, as the script computes it
+        line = next(line for line in script.splitlines() if line.startswith("S=$(")).split("  #")[0]
+        env = {key: value for key, value in os.environ.items() if key != "SPLIT_SEED"} | ({"SPLIT_SEED": split_seed} if split_seed else {})
+        shown = subprocess.run(["bash", "-c", f'SPLIT_SEED=${{SPLIT_SEED:-0}}; {line}; echo "[$S]"'], env=env, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        assert shown == f"[{suffix}]"
+    assert collect_histories.Args().split_seed == 0
     assert collect_histories.Args().histories_dir == ad_dt.Args().histories_dir == "histories"
 
 
