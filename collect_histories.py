@@ -71,12 +71,12 @@ class Args:
     size: int = 9
     """side of the square grid"""
     terminate_on_goal: bool = True
-    """end the episode when the goal is reached (the seed's choice); False = the AD paper's variant"""
+    """end the episode when the goal is reached (the original design's choice); False = the AD paper's variant"""
     max_episode_steps: int = 20
     """time limit of an episode (truncation)"""
     random_start: bool = False
     """if toggled, every episode starts in a uniformly random cell (toymeta's `random_start=True`; it can be the goal)
-    instead of the centre: more distinct tasks, (start, goal) pairs, for the data study. Off = the seed's fixed start"""
+    instead of the centre: more distinct tasks, (start, goal) pairs, for the data study. Off = the original design's fixed start"""
 
     # Tasks and histories
     histories_dir: str = "histories"
@@ -137,7 +137,7 @@ class Args:
     adam_eps: float = 1e-6
     """epsilon of Adam and RMSprop"""
     critic_init_std: float = 1.0
-    """gain of the critic's orthogonal init (the seed's: 1). 0 starts every value at 0, so until a reward is found
+    """gain of the critic's orthogonal init (the original design's: 1). 0 starts every value at 0, so until a reward is found
     the advantages are 0 and the policy is not pushed by the noise of a random critic"""
     hidden_size: int = 128
     """size of the shared state embedding"""
@@ -157,6 +157,16 @@ class Args:
     """number of rollouts per agent: total_timesteps // (num_envs * num_steps) for a2c, enough for the history otherwise"""
     steps_per_stream: tyro.conf.Suppress[int] = 0
     """transitions kept per env stream (history_len // num_envs)"""
+
+
+# each source's flags: its config in tasks.json and the histories' metadata ("algo"); a flag of another source is refused
+ALGO_KEYS = {
+    "a2c": ["agents_per_goal", "num_envs", "num_steps", "update_epochs", "optimizer", "learning_rate", "adam_eps",
+            "critic_init_std", "hidden_size", "gamma", "ent_coef", "vf_coef", "max_grad_norm", "history_len"],
+    "noise": ["num_envs", "noise_episodes", "noise_floor", "history_len"],
+    "explorer": ["num_envs", "explorer_eps", "history_len"],
+    "dynaq": ["num_envs", "dynaq_q0", "dynaq_gamma", "dynaq_sweeps", "dynaq_eps", "history_len"],
+}
 
 
 def check_args(args: Args) -> None:
@@ -216,6 +226,11 @@ def check_args(args: Args) -> None:
             )
     if not args.tasks:
         raise SystemExit("error: --tasks names no task")
+    owner = {key: source for source, keys in ALGO_KEYS.items() for key in keys if key not in ALGO_KEYS[args.source]}
+    owner.update({} if args.source == "a2c" else {"total_timesteps": "a2c"})  # a per-stream learner's steps: --history-len
+    for name, source in owner.items():  # given on the command line (not its default), it would be ignored without a word
+        if getattr(args, name) != getattr(Args, name):
+            raise SystemExit(f"error: --{name.replace('_', '-')} is a flag of --source {source}, not of --source {args.source}: leave it out")
 
 
 def available_memory() -> int:
@@ -703,13 +718,7 @@ def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, goal
 
 def directory_config(args: Args, split: Dict[str, List[Tuple[int, int]]]) -> dict:
     """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
-    algo_keys = {
-        "a2c": ["agents_per_goal", "num_envs", "num_steps", "update_epochs", "optimizer", "learning_rate", "adam_eps",
-                "critic_init_std", "hidden_size", "gamma", "ent_coef", "vf_coef", "max_grad_norm", "history_len"],
-        "noise": ["num_envs", "noise_episodes", "noise_floor", "history_len"],
-        "explorer": ["num_envs", "explorer_eps", "history_len"],
-        "dynaq": ["num_envs", "dynaq_q0", "dynaq_gamma", "dynaq_sweeps", "dynaq_eps", "history_len"],
-    }[args.source]
+    algo_keys = ALGO_KEYS[args.source]
     return {
         "format_version": FORMAT_VERSION,
         "split_seed": args.split_seed,
