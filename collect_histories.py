@@ -245,7 +245,7 @@ def available_memory() -> int:
 def check_memory(args: Args, num_agents: int) -> None:
     """Refuse, in one line, a collection whose arrays would not fit in the memory available now.
 
-    About the peak (measured within 15% on 80 agents): the interpreter and libraries, the histories (one byte a value),
+    What the peak holds: the interpreter and libraries, the histories (one byte a value),
     the rollout with the per-step temporaries, and the learners (A2C: parameters, gradients, two Adam moments in
     float32; scripted: visited cells and three float64 arrays of (env, state) per step; dynaq: the model and Q of
     every (env, action, state), and the planning's copies of them for the streams it sweeps).
@@ -458,8 +458,8 @@ class DynaQLearner:
     random action at probability `eps`. Randomness comes from one generator per agent, so a history does not depend on the
     tasks beside it.
 
-    Arrays are (env, action, state), so the max over actions and the backups run over contiguous rows (measured
-    2-5x faster than (env, state, action)). Planning is skipped on a stream whose Q is a fixed point of the sweep
+    Arrays are (env, action, state), so the max over actions and the backups run over contiguous rows (faster than
+    (env, state, action)). Planning is skipped on a stream whose Q is a fixed point of the sweep
     (its last sweep changed nothing and its model has not changed since): a sweep would leave it as it is, so the
     result is the same as sweeping every stream every step (tested), in a fraction of the time.
     """
