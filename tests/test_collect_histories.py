@@ -624,8 +624,8 @@ BAD_INPUT = [
     (["--source", "dynaq", "--dynaq-eps", "-0.1"], "--dynaq-eps must be in [0, 1]"),
     (["--source", "dynaq", "--dynaq-eps", "nan"], "--dynaq-eps must be in [0, 1]"),
     # a flag of another source would be ignored without a word
-    (["--learning-rate", "0.5"], "--learning-rate is a flag of --source a2c, not of --source dynaq: leave it out"),
-    (["--total-timesteps", "100000"], "--total-timesteps is a flag of --source a2c, not of --source dynaq"),
+    (["--source", "dynaq", "--learning-rate", "0.5"], "--learning-rate is a flag of --source a2c, not of --source dynaq: leave it out"),
+    (["--source", "dynaq", "--total-timesteps", "100000"], "--total-timesteps is a flag of --source a2c, not of --source dynaq"),
     (["--source", "explorer", "--dynaq-q0", "1"], "--dynaq-q0 is a flag of --source dynaq, not of --source explorer"),
     (["--source", "a2c", "--explorer-eps", "0.2"], "--explorer-eps is a flag of --source explorer, not of --source a2c"),
     *A2C_BAD_INPUT,
