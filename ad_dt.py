@@ -53,9 +53,9 @@ class Args:
     num_threads: int = 2
     """CPU threads for torch (the reference machine has 2 cores); use 1 when another job shares the cores"""
 
-    # Data: the histories written by collect_histories.py, and their pace
+    # Data: the histories written by collect_histories_tabular.py or collect_histories.py, and their pace
     histories_dir: str = "histories"
-    """directory written by `collect_histories.py` (`tasks.json`, `train/goal_R_C.npz`)"""
+    """directory written by `collect_histories_tabular.py` (the default: Dyna-Q) or `collect_histories.py` (A2C) (`tasks.json`, `train/goal_R_C.npz`)"""
     history_len: Optional[int] = None
     """keep the first `history_len` transitions of each agent, over all its streams as the collectors count them (`history_len //
     num_streams` per stream); None keeps all (the default: a Dyna-Q stream, 256 steps, is one window). The original design's A2C used 200000"""
@@ -226,8 +226,8 @@ def read_tasks(root):
     """tasks.json of a histories directory, validated: the format version, the env and the split."""
     path = Path(root) / "tasks.json"
     if not path.is_file():
-        fix = ("rerun the collect_histories.py command that wrote it (it rebuilds tasks.json from the histories' metadata)"
-               if any(Path(root).glob("*/*.npz")) else "run `python collect_histories.py` first")
+        fix = ("rerun the collect_histories_tabular.py or collect_histories.py command that wrote it (it rebuilds tasks.json from the histories' metadata)"
+               if any(Path(root).glob("*/*.npz")) else "run `python collect_histories_tabular.py` (Dyna-Q) or `python collect_histories.py` (A2C) first")
         raise SystemExit(f"error: no {path}: {fix}")
     try:
         tasks = json.loads(path.read_text())
@@ -288,11 +288,11 @@ def load_histories(histories_dir, split="train"):
     """
     root = Path(histories_dir)
     if not root.is_dir():
-        raise SystemExit(f"error: --histories-dir {root} is not a directory: run `python collect_histories.py` first")
+        raise SystemExit(f"error: --histories-dir {root} is not a directory: run `python collect_histories_tabular.py` (Dyna-Q) or `python collect_histories.py` (A2C) first")
     tasks = read_tasks(root)
     files = sorted((root / split).glob("*.npz"))
     if not files and split == "train":
-        raise SystemExit(f"error: no training histories in {root}/train: run `python collect_histories.py` first")
+        raise SystemExit(f"error: no training histories in {root}/train: run `python collect_histories_tabular.py` (Dyna-Q) or `python collect_histories.py` (A2C) first")
     histories = []
     for path in files:
         meta, arrays = read_history(path, tasks["env"])

@@ -1,4 +1,5 @@
-# Train one A2C agent per DarkRoom task, all agents at once, and write their learning histories for AD.
+# Train A2C agents on DarkRoom tasks (the original design's source), all at once, and write their learning histories for AD.
+# The learners with one learner per stream (Dyna-Q, explorer, noise) are collect_histories_tabular.py, which imports this file.
 # Docs: README.md#collect_historiespy
 import os
 import signal
@@ -55,17 +56,10 @@ HISTORY_KEYS = {
 
 
 @dataclass
-class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+class CollectArgs:
+    """The flags of every collector: this file's A2C, and the learners per stream of collect_histories_tabular.py."""
     seed: int = 1
     """seed of the experiment: with the goal it seeds each agent (weights and action sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, sets `torch.backends.cudnn.deterministic=True` so GPU runs are reproducible"""
-    cuda: bool = False
-    """if toggled, use CUDA when it is available"""
-    num_threads: int = 1
-    """torch CPU threads: the tensors are small, so one thread is faster (and with another job on the cores, far faster) than two"""
 
     # Environment
     size: int = 9
@@ -79,51 +73,44 @@ class Args:
     instead of the centre: more distinct tasks, (start, goal) pairs, for the data study. Off = the original design's fixed start"""
 
     # Tasks and histories
-    histories_dir: str = "histories"
-    """where `tasks.json` and the histories (`train/`, `test/`) are written"""
     split_seed: int = 0
     """seed of the train/test split of the goals"""
     num_train_tasks: int = 57
     """number of training goals; the other goals are held out for testing"""
     tasks: Tuple[str, ...] = ("all",)
     """which tasks to collect: `train`, `test`, `all`, or goals as row,col (e.g. `--tasks 0,1 8,8`)"""
-    history_len: Optional[int] = None
-    """transitions kept per agent, over all its env streams (history_len // num_envs per stream); default: 256 per
-    stream for the learner-per-stream sources, 800000 for a2c (the original design's)"""
     overwrite: bool = False
     """if toggled, collect again the tasks whose history already exists (otherwise they are skipped)"""
+    log_every: int = 100
+    """log charts every this many rollouts (success rate = over the episodes that ended since the last log)"""
 
-    # Source: the learning algorithm whose histories are written
-    source: Literal["a2c", "noise", "explorer", "dynaq"] = "dynaq"
-    """default `dynaq`, the learning source AD distils best here (README.md, Results); `a2c` (the original design's algorithm, trained below); `noise`: shortest-path policy with action noise decaying over
-    episodes (AD-epsilon); `explorer`: remembers visited cells, walks to the nearest unvisited one, goes straight
-    to the goal once rewarded; `dynaq`: tabular Dyna-Q with optimistic initial values, which learns the room and the
-    reward from its own steps. For `noise`, `explorer` and `dynaq` each env stream is one learner from scratch"""
-    noise_episodes: int = 20
-    """`noise`: the episodes (per stream) over which the random-action probability falls linearly from 1 to --noise-floor"""
-    noise_floor: float = 0.0
-    """`noise`: the random-action probability after --noise-episodes"""
-    explorer_eps: float = 0.1
-    """`explorer`: probability of a random action at each step"""
-    dynaq_q0: float = 0.5
-    """`dynaq`: initial value of every (state, action) pair and value of the pairs never tried (optimism). Below 1,
-    the largest return in terminate mode, a learner that knows the goal goes there unless an untried pair is a few
-    steps nearer, so it stops exploring soon after its first reward and its learning arc fits in a few hundred
-    steps; 1 makes it try every pair nearer than the goal first"""
-    dynaq_gamma: float = 0.9
-    """`dynaq`: discount of the planning backups"""
-    dynaq_sweeps: int = 20
-    """`dynaq`: value-iteration sweeps over the learned model after every step (a reward found spreads one step
-    back per sweep: 20 covers any path of a 20-step episode)"""
-    dynaq_eps: float = 0.0
-    """`dynaq`: probability of a random action at each step (optimism alone drives the exploration)"""
+    # filled in at runtime
+    num_updates: tyro.conf.Suppress[int] = 0
+    """number of rollouts per agent"""
+    steps_per_stream: tyro.conf.Suppress[int] = 0
+    """transitions kept per env stream (history_len // num_envs)"""
 
-    # Algorithm (a2c; defaults: the original design's hyperparameters, as in a2c_darkroom.py)
+
+@dataclass
+class Args(CollectArgs):
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True` so GPU runs are reproducible"""
+    cuda: bool = False
+    """if toggled, use CUDA when it is available"""
+    num_threads: int = 1
+    """torch CPU threads: the tensors are small, so one thread is faster (and with another job on the cores, far faster) than two"""
+    histories_dir: str = "histories_a2c"
+    """where `tasks.json` and the histories (`train/`, `test/`) are written"""
+    history_len: int = 800_000
+    """transitions kept per agent, over all its env streams (history_len // num_envs per stream)"""
+
+    # Algorithm (defaults: the original design's hyperparameters, as in a2c_darkroom.py)
     agents_per_goal: int = 1
-    """`a2c`: independent agents per goal, each from its own seed; a goal's history holds all their streams"""
-    num_envs: Optional[int] = None
-    """number of parallel envs per agent (streams per history: agents_per_goal * num_envs); for the learner-per-stream
-    sources the learners per goal. Default: 500 for those, 10 for a2c (the original design's)"""
+    """independent agents per goal, each from its own seed; a goal's history holds all their streams"""
+    num_envs: int = 10
+    """number of parallel envs per agent (streams per history: agents_per_goal * num_envs)"""
     num_steps: int = 10
     """rollout length per env between updates (the n of the n-step returns)"""
     update_epochs: int = 1
@@ -149,72 +136,34 @@ class Args:
     """coefficient of the value loss"""
     max_grad_norm: float = 0.5
     """maximum global norm of each agent's gradient"""
-    log_every: int = 100
-    """log charts every this many updates (success rate = over the episodes that ended since the last log)"""
-
-    # filled in at runtime
-    num_updates: tyro.conf.Suppress[int] = 0
-    """number of rollouts per agent: total_timesteps // (num_envs * num_steps) for a2c, enough for the history otherwise"""
-    steps_per_stream: tyro.conf.Suppress[int] = 0
-    """transitions kept per env stream (history_len // num_envs)"""
+    source: tyro.conf.Suppress[str] = "a2c"
+    """the source's name in tasks.json and the histories' metadata"""
 
 
-# each source's flags: its config in tasks.json and the histories' metadata ("algo"); a flag of another source is refused
-ALGO_KEYS = {
-    "a2c": ["agents_per_goal", "num_envs", "num_steps", "update_epochs", "optimizer", "learning_rate", "adam_eps",
-            "critic_init_std", "hidden_size", "gamma", "ent_coef", "vf_coef", "max_grad_norm", "history_len"],
-    "noise": ["num_envs", "noise_episodes", "noise_floor", "history_len"],
-    "explorer": ["num_envs", "explorer_eps", "history_len"],
-    "dynaq": ["num_envs", "dynaq_q0", "dynaq_gamma", "dynaq_sweeps", "dynaq_eps", "history_len"],
-}
+# the source's flags: its config in tasks.json and the histories' metadata ("algo")
+ALGO_KEYS = ["agents_per_goal", "num_envs", "num_steps", "update_epochs", "optimizer", "learning_rate", "adam_eps",
+             "critic_init_std", "hidden_size", "gamma", "ent_coef", "vf_coef", "max_grad_norm", "history_len"]
 
 
-def check_args(args: Args) -> None:
-    """Reject every bad flag with a one-line message naming it, before anything is read or written.
+def need(args, ok: bool, flag: str, rule: str) -> None:
+    """Unless `ok`, exit with one line naming --flag, its rule and the value given."""
+    if not ok:
+        raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
-    (What depends on the histories already there is checked once they are read: the directory's config in
-    `check_directory`, the memory for the histories still missing in `check_memory`.)
-    """
-    def need(ok, flag, rule):
-        if not ok:
-            raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
-    if args.num_envs is None:  # each source's own default (the flag's docstring)
-        args.num_envs = 10 if args.source == "a2c" else 500
-    if args.history_len is None:
-        args.history_len = 800_000 if args.source == "a2c" else 256 * args.num_envs
-    for name in ["size", "max_episode_steps", "agents_per_goal", "num_envs", "num_steps", "update_epochs", "total_timesteps", "hidden_size",
-                 "history_len", "log_every", "num_threads", "noise_episodes", "dynaq_sweeps"]:
-        need(getattr(args, name) >= 1, name.replace("_", "-"), "positive")
-    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
-    need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
-    need(args.split_seed >= 0, "split-seed", "at least 0")
-    need(0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
-    need(math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
-    need(math.isfinite(args.critic_init_std) and args.critic_init_std >= 0, "critic-init-std", "at least 0")
-    need(args.source == "a2c" or args.agents_per_goal == 1, "agents-per-goal", "1 for a per-stream source (its --num-envs streams are the learners)")
-    need(0 <= args.gamma <= 1, "gamma", "in [0, 1]")
-    need(0 <= args.dynaq_gamma <= 1, "dynaq-gamma", "in [0, 1]")
-    need(abs(args.dynaq_q0) <= 1e6, "dynaq-q0", "in [-1e6, 1e6] (Q is float32)")
-    for name in ["ent_coef", "vf_coef"]:
-        need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name.replace("_", "-"), "at least 0")
-    need(args.max_grad_norm > 0, "max-grad-norm", "positive (inf: no clipping)")
-    for name in ["noise_floor", "explorer_eps", "dynaq_eps"]:
-        need(0 <= getattr(args, name) <= 1, name.replace("_", "-"), "in [0, 1]")
-    need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
-    need(args.histories_dir != "" and not os.path.isfile(args.histories_dir), "histories-dir", "a directory, not a file")
+def check_collect_args(args: CollectArgs) -> None:
+    """The checks of the flags every collector shares (`CollectArgs`, --num-envs and --history-len)."""
+    for name in ["size", "max_episode_steps", "num_envs", "history_len", "log_every"]:
+        need(args, getattr(args, name) >= 1, name.replace("_", "-"), "positive")
+    need(args, 0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
+    need(args, 0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
+    need(args, args.split_seed >= 0, "split-seed", "at least 0")
+    need(args, args.histories_dir != "" and not os.path.isfile(args.histories_dir), "histories-dir", "a directory, not a file")
     if args.size * args.size > 256 or args.max_episode_steps > 256:
         raise SystemExit("error: histories store states and timesteps as uint8: need --size <= 16 and --max-episode-steps <= 256")
-    need(args.size >= 2, "size", "at least 2 (a goal besides the start cell)")
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        raise SystemExit("error: --total-timesteps must be at least --num-envs * --num-steps (one update)")
+    need(args, args.size >= 2, "size", "at least 2 (a goal besides the start cell)")
     if args.history_len < args.num_envs:
         raise SystemExit(f"error: --history-len {args.history_len} must be at least --num-envs {args.num_envs} (one step per stream)")
-    steps_trained = args.total_timesteps // (args.num_envs * args.num_steps) * args.num_steps  # per env stream
-    if args.source == "a2c" and args.history_len // args.num_envs > steps_trained:
-        raise SystemExit(f"error: --history-len {args.history_len} is more than the {steps_trained * args.num_envs} env "
-                         f"steps that --total-timesteps {args.total_timesteps} trains (whole updates of "
-                         f"--num-envs x --num-steps)")
     num_goals = args.size * args.size - 1
     if not 1 <= args.num_train_tasks <= num_goals - 1:
         raise SystemExit(f"error: --num-train-tasks must be in 1..{num_goals - 1} (there are {num_goals} goals), got {args.num_train_tasks}")
@@ -226,11 +175,32 @@ def check_args(args: Args) -> None:
             )
     if not args.tasks:
         raise SystemExit("error: --tasks names no task")
-    owner = {key: source for source, keys in ALGO_KEYS.items() for key in keys if key not in ALGO_KEYS[args.source]}
-    owner.update({} if args.source == "a2c" else {"total_timesteps": "a2c"})  # a per-stream learner's steps: --history-len
-    for name, source in owner.items():  # given on the command line (not its default), it would be ignored without a word
-        if getattr(args, name) != getattr(Args, name):
-            raise SystemExit(f"error: --{name.replace('_', '-')} is a flag of --source {source}, not of --source {args.source}: leave it out")
+
+
+def check_args(args: Args) -> None:
+    """Reject every bad flag with a one-line message naming it, before anything is read or written.
+
+    (What depends on the histories already there is checked once they are read: the directory's config in
+    `check_directory`, the memory for the histories still missing in `check_memory`.)
+    """
+    for name in ["agents_per_goal", "num_steps", "update_epochs", "total_timesteps", "hidden_size", "num_threads"]:
+        need(args, getattr(args, name) >= 1, name.replace("_", "-"), "positive")
+    check_collect_args(args)
+    need(args, 0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
+    need(args, math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
+    need(args, math.isfinite(args.critic_init_std) and args.critic_init_std >= 0, "critic-init-std", "at least 0")
+    need(args, 0 <= args.gamma <= 1, "gamma", "in [0, 1]")
+    for name in ["ent_coef", "vf_coef"]:
+        need(args, math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name.replace("_", "-"), "at least 0")
+    need(args, args.max_grad_norm > 0, "max-grad-norm", "positive (inf: no clipping)")
+    need(args, not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
+    if args.total_timesteps < args.num_envs * args.num_steps:
+        raise SystemExit("error: --total-timesteps must be at least --num-envs * --num-steps (one update)")
+    steps_trained = args.total_timesteps // (args.num_envs * args.num_steps) * args.num_steps  # per env stream
+    if args.history_len // args.num_envs > steps_trained:
+        raise SystemExit(f"error: --history-len {args.history_len} is more than the {steps_trained * args.num_envs} env "
+                         f"steps that --total-timesteps {args.total_timesteps} trains (whole updates of "
+                         f"--num-envs x --num-steps)")
 
 
 def available_memory() -> int:
@@ -242,26 +212,18 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def check_memory(args: Args, num_agents: int) -> None:
+def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
     """Refuse, in one line, a collection whose arrays would not fit in the memory available now.
 
-    What the peak holds: the interpreter and libraries, the histories (one byte a value),
-    the rollout with the per-step temporaries, and the learners (A2C: parameters, gradients, two Adam moments in
-    float32; scripted: visited cells and three float64 arrays of (env, state) per step; dynaq: the model and Q of
-    every (env, action, state), and the planning's copies of them for the streams it sweeps).
+    What the peak holds: the interpreter and libraries, the histories (one byte a value), the rollout with the
+    per-step temporaries, and the learners of one goal (`learner_bytes`, each source's estimate) for every goal.
     """
-    N, S = num_agents * args.agents_per_goal * args.num_envs, args.size * args.size
+    N = num_goals * args.agents_per_goal * args.num_envs
     histories = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N
     rollout = args.num_steps * N * 128
-    if args.source == "a2c":
-        learners = num_agents * args.agents_per_goal * (args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1) * 4 * 4
-    elif args.source == "dynaq":
-        learners = N * S * NUM_ACTIONS * 40
-    else:
-        learners = N * S * 25 + S * S * 8
-    needed, available = 300 * 2**20 + histories + rollout + learners, available_memory()
+    needed, available = 300 * 2**20 + histories + rollout + num_goals * learner_bytes, available_memory()
     if needed > available:
-        raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_agents} task(s) "
+        raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_goals} task(s) "
                          f"to collect needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB more "
                          f"than the {available / 2**30:.1f} GiB available: lower --history-len or --num-envs, or collect "
                          f"fewer --tasks at once")
@@ -385,149 +347,6 @@ class DarkRoomVectorEnv(gym.vector.VectorEnv):
         self.timestep = np.where(ended, 0, self.timestep + 1)
         infos = {"final_obs": next_state, "_final_obs": ended, "timestep": self.timestep}
         return self.state, at_goal.astype(np.float32), terminated, truncated, infos
-
-
-class ScriptedLearner:
-    """The `noise` and `explorer` sources for many env streams at once; each stream is one learner from scratch.
-
-    `noise` (AD-epsilon): the shortest path to the goal, with a random action instead at probability epsilon,
-    which falls linearly from 1 to `noise_floor` over the stream's first `noise_episodes` episodes.
-    `explorer`: knows the room, not the goal. It remembers the cells it has visited (across episodes), walks
-    to the nearest unvisited cell (random tie-breaks) until rewarded, then goes straight to the goal (and stays
-    there when the episode does not end on it); a random action at probability `explorer_eps`.
-    Randomness comes from one generator per agent, so a history does not depend on the tasks beside it.
-    """
-
-    def __init__(self, source: str, goal_states: np.ndarray, rngs, size: int, noise_episodes: int = 20,
-                 noise_floor: float = 0.0, explorer_eps: float = 0.1):
-        self.source, self.goal_states, self.rngs, self.size = source, goal_states, rngs, size
-        self.noise_episodes, self.noise_floor, self.explorer_eps = noise_episodes, noise_floor, explorer_eps
-        num_envs, num_states = len(goal_states), size * size
-        self.envs_per_rng = num_envs // len(rngs)
-        row, col = np.divmod(np.arange(num_states), size)
-        self.rowcol = np.stack([row, col], axis=1)  # (S, 2)
-        self.distance = np.abs(row[:, None] - row[None]) + np.abs(col[:, None] - col[None])  # (S, S) steps apart
-        # the cells stepped onto (a start cell is not: only a step onto the goal is rewarded); the centre is never a goal
-        self.visited = np.zeros((num_envs, num_states), dtype=bool)
-        self.visited[:, (size // 2) * size + size // 2] = True
-        self.known_goal = np.full(num_envs, -1)  # the cell where reward was found, -1 while unknown
-        self.episode = np.zeros(num_envs, dtype=np.int64)
-
-    def step_towards(self, states: np.ndarray, targets: np.ndarray, coin: np.ndarray) -> np.ndarray:
-        """An action that brings each state one step closer to its target (noop on it); `coin` picks the axis."""
-        d_row, d_col = np.sign(self.rowcol[targets] - self.rowcol[states]).T
-        vertical = np.where(d_row < 0, 1, 3)  # up, down
-        horizontal = np.where(d_col > 0, 2, 4)  # right, left
-        use_row = (d_row != 0) & ((d_col == 0) | (coin < 0.5))
-        return np.where(use_row, vertical, np.where(d_col != 0, horizontal, 0))
-
-    def act(self, states: np.ndarray) -> np.ndarray:
-        num_envs, num_states = self.visited.shape
-        # per env: 81 tie-break numbers, a noise draw, an axis coin, a random action
-        u = np.concatenate([rng.random((self.envs_per_rng, num_states + 3)) for rng in self.rngs])
-        if self.source == "noise":
-            targets = self.goal_states
-            eps = np.maximum(self.noise_floor, 1.0 - self.episode / self.noise_episodes)
-        else:
-            distance = self.distance[states] + 0.5 * u[:, :num_states]  # ties broken at random
-            distance[self.visited] = np.inf
-            nearest_unvisited = distance.argmin(1)
-            targets = np.where(self.known_goal >= 0, self.known_goal, nearest_unvisited)
-            eps = self.explorer_eps
-        actions = self.step_towards(states, targets, u[:, num_states + 1])
-        random_actions = np.minimum((u[:, num_states + 2] * NUM_ACTIONS).astype(np.int64), NUM_ACTIONS - 1)
-        return np.where(u[:, num_states] < eps, random_actions, actions)
-
-    def observe(self, next_states: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, ended: np.ndarray) -> None:
-        """Learn from one step: the cell reached (before any reset), its reward, whether the episode ended (at the
-        goal: `terminated`, or at either the goal or the time limit: `ended`)."""
-        self.visited[np.arange(len(next_states)), next_states] = True
-        self.known_goal = np.where(rewards > 0, next_states, self.known_goal)
-        self.episode += ended
-
-
-class DynaQLearner:
-    """The `dynaq` source: tabular Dyna-Q (Sutton 1990) with optimistic initial values, one learner per env stream.
-
-    It is told neither the room nor the goal. Each stream learns a deterministic model of the pairs (state, action)
-    it has tried: the state reached, the reward, whether the episode terminated there (a time-limit truncation is
-    not a terminal). After every real step it plans: `sweeps` synchronous value-iteration sweeps over the model,
-    Q[s, a] = r + gamma * (1 - end) * max_a' Q[next, a'] for the pairs tried, while the others keep the optimistic
-    `q0` (R-max-like: with q0 = 1 an untried pair looks as good as stepping onto the goal, so a stream goes to a
-    goal it knows only once no untried pair is nearer). It acts greedily on Q, ties broken at random, with a
-    random action at probability `eps`. Randomness comes from one generator per agent, so a history does not depend on the
-    tasks beside it.
-
-    Arrays are (env, action, state), so the max over actions and the backups run over contiguous rows (faster than
-    (env, state, action)). Planning is skipped on a stream whose Q is a fixed point of the sweep
-    (its last sweep changed nothing and its model has not changed since): a sweep would leave it as it is, so the
-    result is the same as sweeping every stream every step (tested), in a fraction of the time.
-    """
-
-    def __init__(self, num_envs: int, num_states: int, rngs, q0: float = 0.5, gamma: float = 0.9, sweeps: int = 20,
-                 eps: float = 0.0):
-        self.rngs, self.envs_per_rng = rngs, num_envs // len(rngs)
-        self.q0, self.gamma, self.sweeps, self.eps = np.float32(q0), np.float32(gamma), sweeps, eps
-        shape = (num_envs, NUM_ACTIONS, num_states)
-        self.known = np.zeros(shape, dtype=bool)  # the pair was tried at least once
-        self.model_next = np.zeros(shape, dtype=np.int64)
-        self.model_reward = np.zeros(shape, dtype=np.float32)
-        self.model_end = np.zeros(shape, dtype=bool)  # the episode terminated there
-        self.Q = np.full(shape, self.q0, dtype=np.float32)
-        self.settled = np.ones(num_envs, dtype=bool)  # Q is a fixed point of the sweep: planning would not change it
-        self.sweeps_done = 0  # (env, sweep) pairs computed, for the tests and the speed notes
-        self.states = self.actions = None
-
-    def act(self, states: np.ndarray) -> np.ndarray:
-        num_envs = len(states)
-        # per env: a tie-break number per action, an epsilon draw, a random action
-        u = np.concatenate([rng.random((self.envs_per_rng, NUM_ACTIONS + 2)) for rng in self.rngs])
-        q = self.Q[np.arange(num_envs), :, states]  # (N, A)
-        best = q == q.max(1, keepdims=True)
-        greedy = np.where(best, u[:, :NUM_ACTIONS], -1.0).argmax(1)  # a uniformly random one of the best
-        random_actions = np.minimum((u[:, NUM_ACTIONS + 1] * NUM_ACTIONS).astype(np.int64), NUM_ACTIONS - 1)
-        self.states, self.actions = states, np.where(u[:, NUM_ACTIONS] < self.eps, random_actions, greedy)
-        return self.actions
-
-    def observe(self, next_states: np.ndarray, rewards: np.ndarray, terminated: np.ndarray, ended: np.ndarray) -> None:
-        """Learn from one step (the state reached before any reset, its reward, whether the episode terminated at
-        the goal), then plan. `ended` (the time limit too) is not used: a truncation says nothing about the room."""
-        pair = (np.arange(len(next_states)), self.actions, self.states)
-        changed = (~self.known[pair] | (self.model_next[pair] != next_states) | (self.model_reward[pair] != rewards)
-                   | (self.model_end[pair] != terminated))
-        self.known[pair], self.model_next[pair], self.model_reward[pair], self.model_end[pair] = (
-            True, next_states, rewards, terminated)
-        self.settled &= ~changed
-        self.plan()
-
-    def plan(self) -> None:
-        """`sweeps` synchronous value-iteration sweeps of Q over each stream's model, skipping the settled streams."""
-        active = np.flatnonzero(~self.settled)
-        if not active.size:
-            return
-        known = self.known[active]
-        reward = np.where(known, self.model_reward[active], self.q0)  # an untried pair backs up to q0 ...
-        discount = self.gamma * (known & ~self.model_end[active])  # ... with nothing after it
-        num_states = self.Q.shape[2]
-        # rows of the active streams' V = max_a Q, flattened: one gather (faster than np.take_along_axis)
-        rows = self.model_next[active] + num_states * np.arange(len(active))[:, None, None]
-        q = self.Q[active]
-        for _ in range(self.sweeps):
-            self.sweeps_done += len(active)
-            new_q = reward + discount * q.max(1).ravel()[rows]
-            moved = (new_q != q).any((1, 2))
-            q = new_q
-            if moved.mean() < 0.5:
-                # most reached a fixed point: keep them and sweep on without them (a sweep leaves a fixed point as
-                # it is, so those kept in until then are harmless: copying them out each sweep costs more)
-                self.Q[active[~moved]] = q[~moved]
-                self.settled[active[~moved]] = True
-                active, q, reward, discount, moved = active[moved], q[moved], reward[moved], discount[moved], moved[moved]
-                if not active.size:
-                    return
-                rows = self.model_next[active] + num_states * np.arange(len(active))[:, None, None]
-        self.Q[active] = q
-        self.settled[active[~moved]] = True  # the others still changed in the last sweep: planned again next step
 
 
 def layer_init(layer: nn.Linear, std: float) -> nn.Linear:
@@ -716,9 +535,8 @@ def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, goal
     plt.close(fig)
 
 
-def directory_config(args: Args, split: Dict[str, List[Tuple[int, int]]]) -> dict:
+def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]], algo_keys: List[str]) -> dict:
     """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
-    algo_keys = ALGO_KEYS[args.source]
     return {
         "format_version": FORMAT_VERSION,
         "split_seed": args.split_seed,
@@ -734,7 +552,7 @@ def directory_config(args: Args, split: Dict[str, List[Tuple[int, int]]]) -> dic
     }
 
 
-def history_metadata(args: Args, config: dict, goal: Tuple[int, int], part: str) -> dict:
+def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], part: str) -> dict:
     """The metadata stored in the history of `goal`: the directory's config, the goal, the shape, the versions."""
     return {
         "format_version": FORMAT_VERSION,
@@ -753,7 +571,7 @@ def history_metadata(args: Args, config: dict, goal: Tuple[int, int], part: str)
     }
 
 
-def check_directory(args: Args, config: dict) -> None:
+def check_directory(args: CollectArgs, config: dict) -> None:
     """Raise a one-line SystemExit unless `--histories-dir` may take histories made with `config`.
 
     Its `tasks.json` must have been written with `config`, unless the directory holds no history (then nothing
@@ -798,7 +616,7 @@ def write_tasks_json(histories_dir: str, config: dict) -> None:
     write_atomic(os.path.join(histories_dir, "tasks.json"), lambda f: f.write(text.encode()))
 
 
-def tasks_to_collect(args: Args, config: dict, tasks: List[Tuple[Tuple[int, int], str]]) -> List[Tuple[Tuple[int, int], str]]:
+def tasks_to_collect(args: CollectArgs, config: dict, tasks: List[Tuple[Tuple[int, int], str]]) -> List[Tuple[Tuple[int, int], str]]:
     """The tasks whose history is missing (all of them with --overwrite); the histories already there must be
     complete and made with this config (`check_history`)."""
     todo = []
@@ -819,7 +637,7 @@ class HistoryRecorder:
     once complete. Success = the episode got some reward; counted per env between two logs.
     """
 
-    def __init__(self, args: Args, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv):
+    def __init__(self, args: CollectArgs, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv):
         self.args, self.config, self.todo, self.envs = args, config, todo, envs
         T, N = args.num_steps, envs.num_envs
         self.rollout = {
@@ -910,32 +728,52 @@ class HistoryRecorder:
         return True
 
 
-def make_learner(args: Args, goal_states: np.ndarray, rngs):
-    """The learner of a per-stream source for envs with these goals: all of its streams learn from scratch."""
-    if args.source == "dynaq":
-        return DynaQLearner(len(goal_states), args.size * args.size, rngs, args.dynaq_q0, args.dynaq_gamma,
-                            args.dynaq_sweeps, args.dynaq_eps)
-    return ScriptedLearner(args.source, goal_states, rngs, args.size, args.noise_episodes, args.noise_floor,
-                           args.explorer_eps)
+def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: int, run_name: str):
+    """The config of --histories-dir and the tasks still to collect, checked before any work: the histories there,
+    the memory (`learner_bytes` per goal), the outputs' directories. Exits 0 when every history is there already."""
+    split = make_split(args.size, args.num_train_tasks, args.split_seed)
+    tasks = select_tasks(args.tasks, split, args.size)
+    config = directory_config(args, split, algo_keys)
+    check_directory(args, config)
+    todo = tasks_to_collect(args, config, tasks)
+    if not todo:
+        tasks_json = os.path.join(args.histories_dir, "tasks.json")
+        lost = not os.path.exists(tasks_json)
+        if lost:  # check_directory found every history there true to this config
+            check_writable(args.histories_dir, "give a writable --histories-dir")
+            write_tasks_json(args.histories_dir, config)
+        print(f"all {len(tasks)} histories are already in {args.histories_dir}/; nothing to do"
+              f"{f' but rebuild the lost {tasks_json}' if lost else ''} (--overwrite redoes them)")
+        sys.exit(0)
+    check_memory(args, len(todo), learner_bytes)
+    for part in ("train", "test"):
+        check_writable(os.path.join(args.histories_dir, part), "give a writable --histories-dir")
+    check_writable(f"runs/{run_name}", "make runs/ writable, or run from another directory")
+    print(f"collecting {len(todo)} of {len(tasks)} histories ({len(tasks) - len(todo)} already done) into {args.histories_dir}/")
+    return config, todo
 
 
-def collect_per_stream(args: Args, recorder: HistoryRecorder, envs: DarkRoomVectorEnv, rngs, writer: SummaryWriter) -> None:
-    """The sources whose every env stream is one learner from scratch: `noise` and `explorer` (a `ScriptedLearner`,
-    nothing to train) and `dynaq` (a `DynaQLearner`, which learns from each step as it goes).
-
-    The same rollouts, histories and charts as the A2C loop in main, with the learner's actions, kept in `recorder`.
-    """
-    learner = make_learner(args, envs.goal_states, rngs)
-    envs.reset(seed=args.seed)
-    progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{len(rngs)}", unit="update", mininterval=1.0)
-    for update in progress:
-        for step in range(args.num_steps):
-            action = learner.act(envs.state)
-            learner.observe(*recorder.step(step, action))
-        recorder.end_rollout(update, writer, progress)
+def make_envs(args: CollectArgs, todo: List[Tuple[Tuple[int, int], str]]):
+    """The envs of every task to collect, goal i's agents i * agents_per_goal ..., agent a's envs a * num_envs ...,
+    and each agent's seeds (`agent_seeds`)."""
+    K, E = args.agents_per_goal, args.num_envs
+    goals = [goal for goal, _ in todo]
+    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size, k) for goal in goals for k in range(K)])
+    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), K * E, axis=0), args.size, args.terminate_on_goal,
+                             args.max_episode_steps, start_rngs if args.random_start else None)
+    return envs, list(seeds), list(rngs)
 
 
-def report(args: Args, recorder: HistoryRecorder, run_name: str) -> None:
+def open_writer(args: CollectArgs, run_name: str) -> SummaryWriter:
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+    return writer
+
+
+def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     """Write the learning curves of this run's agents next to the histories (json, png) and print a summary."""
     elapsed = time.time() - recorder.start_time
     goals, global_step = [goal for goal, _ in recorder.todo], recorder.global_step
@@ -961,10 +799,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
     args.steps_per_stream = args.history_len // args.num_envs
-    if args.source == "a2c":
-        args.num_updates = args.total_timesteps // (args.num_envs * args.num_steps)
-    else:  # one learner per stream, from scratch: just long enough for the history
-        args.num_updates = -(-args.steps_per_stream // args.num_steps)
+    args.num_updates = args.total_timesteps // (args.num_envs * args.num_steps)
     run_name = f"DarkRoom-{args.size}x{args.size}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     random.seed(args.seed)
@@ -974,52 +809,22 @@ if __name__ == "__main__":
     torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # tasks, split and the config every history of this directory shares
-    split = make_split(args.size, args.num_train_tasks, args.split_seed)
-    tasks = select_tasks(args.tasks, split, args.size)
-    config = directory_config(args, split)
-    check_directory(args, config)
-    todo = tasks_to_collect(args, config, tasks)
-    if not todo:
-        tasks_json = os.path.join(args.histories_dir, "tasks.json")
-        lost = not os.path.exists(tasks_json)
-        if lost:  # check_directory found every history there true to this config
-            check_writable(args.histories_dir, "give a writable --histories-dir")
-            write_tasks_json(args.histories_dir, config)
-        print(f"all {len(tasks)} histories are already in {args.histories_dir}/; nothing to do"
-              f"{f' but rebuild the lost {tasks_json}' if lost else ''} (--overwrite redoes them)")
-        sys.exit(0)
-    check_memory(args, len(todo))
-    # the outputs' directories are writable before any work is done for them
-    for part in ("train", "test"):
-        check_writable(os.path.join(args.histories_dir, part), "give a writable --histories-dir")
-    check_writable(f"runs/{run_name}", "make runs/ writable, or run from another directory")
-    print(f"collecting {len(todo)} of {len(tasks)} histories ({len(tasks) - len(todo)} already done) into {args.histories_dir}/")
-
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    # the tasks still to collect, and the config every history of this directory shares
+    S = args.size * args.size
+    params_per_agent = args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1  # the weights, their gradients, Adam's moments
+    config, todo = prepare_collection(args, ALGO_KEYS, args.agents_per_goal * params_per_agent * 4 * 4, run_name)
+    writer = open_writer(args, run_name)
 
     # env setup: goal i's agents are i * agents_per_goal ..., agent a's envs a * num_envs ... (a + 1) * num_envs - 1
+    envs, seeds, rngs = make_envs(args, todo)
     goals = [goal for goal, _ in todo]
     K, E, T = args.agents_per_goal, args.num_envs, args.num_steps
     A = len(todo) * K
-    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size, k) for goal in goals for k in range(K)])
-    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), K * E, axis=0), args.size, args.terminate_on_goal, args.max_episode_steps,
-                             start_rngs if args.random_start else None)
     num_states = envs.single_observation_space.n
     # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
     recorder = HistoryRecorder(args, config, todo, envs)
     KEPT = recorder.kept(writer.log_dir)
-    if args.source != "a2c":  # one learner per env stream: a loop of their own
-        with contextlib.closing(writer):  # closed on Ctrl-C too: the logs so far are kept
-            collect_per_stream(args, recorder, envs, rngs, writer)
-        report(args, recorder, run_name)
-        sys.exit(0)
-
-    agent = BatchedAgent(list(seeds), num_states, NUM_ACTIONS, args.hidden_size, args.critic_init_std).to(device)
+    agent = BatchedAgent(seeds, num_states, NUM_ACTIONS, args.hidden_size, args.critic_init_std).to(device)
     optimizer = make_optimizer(args, agent.parameters())
 
     rollout = recorder.rollout
@@ -1031,7 +836,7 @@ if __name__ == "__main__":
 
     envs.reset(seed=args.seed)
     with contextlib.closing(writer):  # closed on Ctrl-C too: the logs so far are kept
-        progress = trange(1, args.num_updates + 1, desc=f"{args.source} x{A}", unit="update", mininterval=1.0)
+        progress = trange(1, args.num_updates + 1, desc=f"a2c x{A}", unit="update", mininterval=1.0)
         for update in progress:
             # the whole policy and value tables, once per rollout: parameters do not change during a rollout,
             # so sampling every action from them is exact; the graph is kept for the loss

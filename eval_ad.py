@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 
 # what this script evaluates comes from the script that trains it (as CleanRL's evals import the training script's network),
 # and the sources it compares with from the script that wrote the histories
-import collect_histories
+import collect_histories_tabular
 from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, evaluate_in_context, load_checkpoint, load_histories, make_dataset,
                    make_envs, sample_windows, summarize_evaluation, teacher_forced_loss)
 
@@ -59,7 +59,7 @@ class Args:
     checkpoint: str = tyro.MISSING
     """an `ad_dt_UPDATE.pt` written by ad_dt.py (required); it holds the model and the task split"""
     histories_dir: Optional[str] = None
-    """directory written by collect_histories.py (`tasks.json`, `train/`, `test/`): the source-from-scratch baseline
+    """directory written by collect_histories_tabular.py or collect_histories.py (`tasks.json`, `train/`, `test/`): the source-from-scratch baseline
     and the teacher-forced losses come from it; default: the checkpoint's own --histories-dir"""
     episodes: int = 100
     """whole episodes per env, from an empty context (cheap with the KV cache: a slow source needs hundreds)"""
@@ -102,7 +102,7 @@ def check_args(args):
 # baselines: policies that act in the same batched rooms as the model, with act(states) and observe(one step)
 def step_towards(states, targets, size):
     """The action that takes each cell one step closer to its target cell (rows first, then columns; noop on it).
-    Deterministic, unlike the scripted explorer's random axis in collect_histories.py: every shortest path is as
+    Deterministic, unlike the scripted explorer's random axis in collect_histories_tabular.py: every shortest path is as
     short, and a fixed one gives the oracle no sampling noise of its own."""
     (row, col), (target_row, target_col) = np.divmod(states, size), np.divmod(targets, size)
     return np.select([target_row < row, target_row > row, target_col > col, target_col < col], [1, 3, 2, 4], default=0)
@@ -173,9 +173,9 @@ class SourceLearner:
     the histories' own config: the source's curve over as many episodes as the model's, however short its streams."""
 
     def __init__(self, num_envs, size, goal_states, rng, meta):
-        config = collect_histories.Args(source=meta["source"], size=size, **meta["algo"])
+        config = collect_histories_tabular.Args(source=meta["source"], size=size, **meta["algo"])
         rngs = [np.random.default_rng(s) for s in rng.integers(0, 2**63, num_envs)]  # one generator per env
-        learner = collect_histories.make_learner(config, goal_states, rngs)
+        learner = collect_histories_tabular.make_learner(config, goal_states, rngs)
         self.act, self.observe = learner.act, learner.observe
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole Algorithm Distillation pipeline with the CPU defaults, for the sources side by side:
-#   Dyna-Q (the learning source AD distils best; every script's defaults) : histories/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
+#   Dyna-Q (the learning source AD distils best; the defaults)             : histories/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
 #   A2C, one env per agent and 64 agents per goal (the design's learner)  : histories_a2c/ -> runs/ad_a2c__*/      -> results/ad_a2c/
 #   explorer (a scripted source; WITH_EXPLORER=1 only)                     : histories_explorer/ -> runs/ad_explorer__*/ -> results/ad_explorer/
 # `bash reproduce.sh` runs the first two (about 40 minutes on 2 CPU cores); `WITH_EXPLORER=1 bash reproduce.sh` adds
@@ -8,7 +8,7 @@
 # Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
 # and an evaluation newer than its checkpoint is kept. A run in runs/ad_*__*/ resumes with the flags it was started
 # with: after changing a stage's flags here, delete its runs/ and results/ directories to train it again.
-# `SPLIT_SEED=1 bash reproduce.sh` runs the same stages on another train/test split (collect_histories.py --split-seed 1),
+# `SPLIT_SEED=1 bash reproduce.sh` runs the same stages on another train/test split (--split-seed 1 to every collection),
 # in directories of their own: histories_split1/, runs/ad_dynaq_split1__*/, results/ad_dynaq_split1/, and so on.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,7 +18,7 @@ fi
 SECONDS=0
 SPLIT_SEED=${SPLIT_SEED:-0}
 S=$([ "$SPLIT_SEED" = 0 ] || echo "_split$SPLIT_SEED")  # the suffix of every directory; none on the default split
-collect() { "$PYTHON" collect_histories.py --split-seed "$SPLIT_SEED" "$@"; }
+collect() { local script=$1; shift; "$PYTHON" "$script" --split-seed "$SPLIT_SEED" "$@"; }  # a collector on this split
 stage() { echo; echo "== $1 ($(date +%H:%M:%S), ${SECONDS}s so far)"; }
 
 # train AD (or resume it) under runs/$1__*/ with the remaining arguments, then evaluate it into results/$1/
@@ -45,19 +45,19 @@ ad_and_eval() {
 WITH_EXPLORER=${WITH_EXPLORER:-0}
 N=$([ "$WITH_EXPLORER" = 1 ] && echo 6 || echo 4)  # stages
 stage "1/$N Dyna-Q learning histories: 500 learners from scratch per task, 256 steps each -> histories/"
-collect --histories-dir "histories$S"  # the defaults: --source dynaq --num-envs 500 --history-len 128000 --tasks all
+collect collect_histories_tabular.py --histories-dir "histories$S"  # the defaults: --source dynaq --num-envs 500 --history-len 128000 --tasks all
 stage "2/$N AD on the Dyna-Q histories (ad_dt.py's defaults: a window = a whole stream, each token shows the pair tried) + evaluation"
 ad_and_eval "ad_dynaq$S" "histories$S" --seq-len 256
 stage "3/$N A2C learning histories: 64 agents per task, one env each, 4000 steps (~200 episodes) each -> histories_a2c/"
 # the original design's A2C (10 envs per agent, lr 1e-4) needs ~1000 episodes per stream; this one learns in ~50
 # (a zero critic at the start, 4 updates per 40-step rollout, lr 3e-3, entropy 0.05: experiments/README.md)
-collect --source a2c --histories-dir "histories_a2c$S" --num-envs 1 --agents-per-goal 64 --num-steps 40 \
+collect collect_histories.py --histories-dir "histories_a2c$S" --num-envs 1 --agents-per-goal 64 --num-steps 40 \
   --update-epochs 4 --learning-rate 3e-3 --ent-coef 0.05 --critic-init-std 0 --history-len 4000 --total-timesteps 4000
 stage "4/$N AD on the A2C histories (every 8th episode, half the windows from a stream's start) + evaluation"
 ad_and_eval "ad_a2c$S" "histories_a2c$S" --seq-len 256 --keep-every 8 --stream-start-frac 0.5 --num-updates 3600 --eval-every 1800
 if [ "$WITH_EXPLORER" = 1 ]; then
   stage "5/$N explorer histories: 1000 short learners per task -> histories_explorer/"
-  collect --source explorer --num-envs 1000 --history-len 128000 --histories-dir "histories_explorer$S"
+  collect collect_histories_tabular.py --source explorer --num-envs 1000 --history-len 128000 --histories-dir "histories_explorer$S"
   stage "6/$N AD on the explorer histories (the pair-tried token only) + evaluation"
   # 2 heads and 3 layers make an update cheaper, which buys 6000 updates (the explorer's AD needs the tokens, not the
   # depth; Dyna-Q's needs its 4 layers: experiments/README.md, "Training budget")

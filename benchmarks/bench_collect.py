@@ -89,7 +89,7 @@ def baseline(goal, steps: int, seed: int = 1) -> float:
 def batched(steps: int, workdir: str) -> float:
     """Wall time of `collect_histories.py` (the original design's A2C on the 57 training tasks) with --total-timesteps steps."""
     out = os.path.join(workdir, f"histories_{steps}")
-    command = [sys.executable, os.path.join(ROOT, "collect_histories.py"), "--histories-dir", out, "--source", "a2c",
+    command = [sys.executable, os.path.join(ROOT, "collect_histories.py"), "--histories-dir", out,
                "--num-envs", "10", "--tasks", "train", "--total-timesteps", str(steps), "--history-len", "1000"]
     start = time.perf_counter()
     subprocess.run(command, cwd=workdir, check=True, capture_output=True)

@@ -37,7 +37,7 @@ class Args:
 
     # Data: the explorer histories, at the pace reproduce.sh trains ad_explorer with (AD learns in context from them)
     histories_dir: str = "histories_explorer"
-    """directory written by `collect_histories.py --source explorer --num-envs 1000 --history-len 128000 --tasks all
+    """directory written by `collect_histories_tabular.py --source explorer --num-envs 1000 --history-len 128000 --tasks all
     --histories-dir histories_explorer`"""
     history_len: Optional[int] = None
     """ad_dt.py's --history-len (None keeps every transition)"""

@@ -25,7 +25,7 @@ class Args:
     num_threads: int = 2
     """CPU threads for torch"""
     histories_dir: str = "histories"
-    """Dyna-Q histories (`collect_histories.py`'s default); the first 20 training goals are enough to sample windows"""
+    """Dyna-Q histories (`collect_histories_tabular.py`'s default); the first 20 training goals are enough to sample windows"""
     rounds: int = 4
     """timed rounds; each runs every variant, in alternating order, so machine load hits all alike"""
     updates: int = 10
@@ -38,7 +38,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.num_threads)
     if not os.path.isfile(os.path.join(args.histories_dir, "tasks.json")):
-        raise SystemExit(f"error: --histories-dir {args.histories_dir} has no tasks.json; run `python collect_histories.py` first")
+        raise SystemExit(f"error: --histories-dir {args.histories_dir} has no tasks.json; run `python collect_histories_tabular.py` first")
     tasks, histories = load_histories(args.histories_dir)
     data, train_args = make_dataset(histories[:20]), ADArgs()  # ad_dt.py's defaults: the Dyna-Q stage's update
     del histories

@@ -30,7 +30,7 @@ class Args:
     "dynaq_paper" / "explorer_paper": that stage's configuration vs the same with the AD paper's dropout (0.5 on the
     attention weights, 0.1 on the residuals)"""
     histories_dir: str = ""
-    """directory written by `collect_histories.py`; default: `histories` (Dyna-Q, collect_histories.py's default) or
+    """directory written by `collect_histories_tabular.py`; default: `histories` (Dyna-Q, its default) or
     `histories_explorer`, as reproduce.sh names them. Each configuration reads it at its own pace"""
     rounds: int = 4
     """timed rounds; each runs both configurations, in alternating order, so machine load hits both alike"""

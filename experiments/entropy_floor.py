@@ -15,7 +15,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import ad_dt  # noqa: E402
-import collect_histories  # noqa: E402
+import collect_histories_tabular  # noqa: E402
 
 STREAMS = 64  # per history
 
@@ -27,8 +27,8 @@ def action_entropy(history):
     if meta["source"] != "dynaq":
         raise SystemExit(f"error: {meta['goal']} is a {meta['source']} history; the floor is computed for dynaq histories only")
     algo, num_states = meta["algo"], meta["env"]["size"] ** 2
-    learner = collect_histories.DynaQLearner(num_streams, num_states, [np.random.default_rng(0)], algo["dynaq_q0"],
-                                             algo["dynaq_gamma"], algo["dynaq_sweeps"], algo["dynaq_eps"])
+    learner = collect_histories_tabular.DynaQLearner(num_streams, num_states, [np.random.default_rng(0)], algo["dynaq_q0"],
+                                                     algo["dynaq_gamma"], algo["dynaq_sweeps"], algo["dynaq_eps"])
     eps, rows, entropy = algo["dynaq_eps"], np.arange(num_streams), np.zeros((num_streams, steps))
     for t in range(steps):
         states, actions = history["states"][:, t].astype(np.int64), history["actions"][:, t].astype(np.int64)

@@ -50,11 +50,12 @@ class Args:
 
 # The sweeps ran when both scripts' defaults were the original design's A2C ones; these flags (a later flag wins)
 # keep every config as it ran: collect_histories.py's A2C with 10 envs per agent, ad_dt.py's context of 128 transitions
-FORMER_COLLECT = ["--source", "a2c", "--num-envs", "10", "--history-len", "800000"]
+FORMER_COLLECT = ["--num-envs", "10", "--history-len", "800000"]
 FORMER_AD = ["--seq-len", "128", "--keep-every", "50", "--history-len", "200000", "--state-embedding", "cell", "--no-prev-state",
              "--no-prev-next-state", "--residual-dropout", "0.1", "--num-updates", "5000"]
 
-# sources: histories directory -> collect_histories.py flags (train and held-out tasks)
+# sources: histories directory -> the collector's flags (train and held-out tasks): collect_histories_tabular.py's where
+# they name a --source, else collect_histories.py's (A2C)
 SOURCES = {
     # the original design's A2C: 10 envs per agent, lr 1e-4 (reproduce.sh's); trained only as far as the 800k steps kept
     "histories_a2c_design": ["--tasks", "all", "--total-timesteps", "800000"],
@@ -314,7 +315,9 @@ if __name__ == "__main__":
     if not args.summarize_only:
         start = time.time()
         for histories in sorted({h for h, _ in configs.values()}):  # collect (or resume) each source once, in order
-            cmd = [sys.executable, "collect_histories.py", "--histories-dir", histories, *FORMER_COLLECT, *SOURCES[histories]]
+            flags = SOURCES[histories]
+            script, former = ("collect_histories_tabular.py", []) if "--source" in flags else ("collect_histories.py", FORMER_COLLECT)
+            cmd = [sys.executable, script, "--histories-dir", histories, *former, *flags]
             print(f"[{time.time() - start:6.0f}s] collecting {histories}", flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         with ThreadPoolExecutor(args.jobs) as pool:

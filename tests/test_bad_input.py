@@ -228,7 +228,7 @@ def test_lost_tasks_json_says_how_to_rebuild_it(collection, tmp_path):
     root = tmp_path / "h"
     shutil.copytree(collection, root)
     (root / "tasks.json").unlink()
-    with pytest.raises(SystemExit, match="rerun the collect_histories.py command that wrote it"):
+    with pytest.raises(SystemExit, match="rerun the collect_histories_tabular.py or collect_histories.py command that wrote it"):
         ad_dt.load_histories(root)
 
 

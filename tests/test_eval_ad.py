@@ -371,11 +371,11 @@ def test_without_held_out_histories_only_a_trained_source_is_left_out_with_a_not
 
 
 def test_a_scripted_source_run_from_scratch_matches_its_own_histories(tmp_path):
-    """The source baseline of an explorer directory is collect_histories.py's explorer itself: its curve from scratch
+    """The source baseline of an explorer directory is collect_histories_tabular.py's explorer itself: its curve from scratch
     equals, within sampling noise, that of the streams it wrote for the same goals."""
     flags = ["--source", "explorer", "--explorer-eps", "0.1", "--tasks", "test", "--num-envs", "200", "--history-len", str(200 * 100),
-             "--histories-dir", str(tmp_path / "h"), "--num-threads", "1"]
-    proc = subprocess.run([sys.executable, str(ROOT / "collect_histories.py"), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+             "--histories-dir", str(tmp_path / "h")]
+    proc = subprocess.run([sys.executable, str(ROOT / "collect_histories_tabular.py"), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _, histories = ad_dt.load_histories(tmp_path / "h", "test")
     written, _ = eval_ad.source_episodes(histories, 4)  # [23 goals x 200 streams, 4 episodes]

@@ -116,11 +116,12 @@ def test_data_study_puts_held_out_and_training_goals_side_by_side(tmp_path, monk
 
 def dynaq_history(goal, num_streams, steps, eps, seed=0):
     """A Dyna-Q history in the layout the loaders return (arrays [streams, steps] and its "meta"), written by the
-    batched learner in the numpy DarkRoom, as collect_histories.py writes one."""
+    batched learner in the numpy DarkRoom, as collect_histories_tabular.py writes one."""
     import collect_histories as ch
+    import collect_histories_tabular as tab
 
     envs = ch.DarkRoomVectorEnv(np.array([goal] * num_streams), 9, True, 20)
-    learner = ch.DynaQLearner(num_streams, 81, [np.random.default_rng(seed)], 0.5, 0.9, 20, eps)
+    learner = tab.DynaQLearner(num_streams, 81, [np.random.default_rng(seed)], 0.5, 0.9, 20, eps)
     keys = ("states", "actions", "rewards", "next_states", "terminated", "truncated")
     h = {key: [] for key in keys}
     state, _ = envs.reset()
