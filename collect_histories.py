@@ -1,6 +1,6 @@
 # Train A2C agents on DarkRoom tasks (the original design's source), all at once, and write their learning histories for AD.
 # The learners with one learner per stream (Dyna-Q, explorer, noise) are collect_histories_tabular.py, which imports this file.
-# Docs: README.md#collect_historiespy
+# Docs: README.md#collect_histories_tabularpy-and-collect_historiespy
 import os
 import signal
 import sys

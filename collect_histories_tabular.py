@@ -1,7 +1,7 @@
 # Learning histories of learners with one learner per env stream, each from scratch, all tasks at once: tabular Dyna-Q
 # (the learning source AD distils best here, and the pipeline's default), the scripted explorer and noise.
 # The history format, the env and the recorder are collect_histories.py's (the A2C collection), imported.
-# Docs: README.md#collect_histories_tabularpy
+# Docs: README.md#collect_histories_tabularpy-and-collect_historiespy
 import os
 import signal
 import sys

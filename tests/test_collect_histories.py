@@ -618,21 +618,30 @@ BAD_INPUT = [
 ]
 
 
+def check_the_one_gate(module, args, message):
+    """Every bad flag is refused by the collector's check_args itself, before the script reads or writes anything."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        module.check_args(tyro.cli(module.Args, args=args))
+    module.check_args(tyro.cli(module.Args, args=["--tasks", "all", "0,1", "test"]))  # and good flags pass
+
+
+def check_one_line_error(tmp_path, capsys, script, args, message):
+    """The script run on bad flags: one `error:` line naming them, and nothing written."""
+    out = tmp_path / "h"
+    assert run_in_process(tmp_path, "--histories-dir", str(out), *args, script=script) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("args, message", BAD_INPUT)
 def test_check_args_is_the_one_gate(args, message):
-    """Every bad flag is refused by check_args itself, before the script reads or writes anything."""
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        ch.check_args(tyro.cli(ch.Args, args=args))
-    ch.check_args(tyro.cli(ch.Args, args=["--tasks", "all", "0,1", "test"]))  # and good flags pass
+    check_the_one_gate(ch, args, message)
 
 
 @pytest.mark.parametrize("args, message", BAD_INPUT)
 def test_bad_input_errors(tmp_path, capsys, args, message):
-    out = tmp_path / "h"
-    assert run_in_process(tmp_path, "--histories-dir", str(out), *args) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert not out.exists() and not (tmp_path / "runs").exists()
+    check_one_line_error(tmp_path, capsys, SCRIPT, args, message)
 
 
 @pytest.mark.parametrize("script", [ch, a2c_darkroom])

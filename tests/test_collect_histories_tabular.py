@@ -2,14 +2,14 @@
 Dyna-Q), their histories, their flags. The env and the history writer are collect_histories.py's, tested there."""
 import glob
 import os
-import re
 import sys
 
 import numpy as np
 import pytest
 import tyro
 
-from test_collect_histories import COMMON_BAD_INPUT, ROOT, check_dynamics, interrupt, load, run_in_process, toymeta_env
+from test_collect_histories import (COMMON_BAD_INPUT, ROOT, check_dynamics, check_one_line_error, check_the_one_gate, interrupt, load,
+                                    run_in_process, toymeta_env)
 
 sys.path.insert(0, ROOT)
 import collect_histories as ch  # noqa: E402
@@ -45,19 +45,12 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("args, message", BAD_INPUT)
 def test_check_args_is_the_one_gate(args, message):
-    """Every bad flag is refused by check_args itself, before the script reads or writes anything."""
-    with pytest.raises(SystemExit, match=re.escape(message)):
-        tab.check_args(tyro.cli(tab.Args, args=args))
-    tab.check_args(tyro.cli(tab.Args, args=["--tasks", "all", "0,1", "test"]))  # and good flags pass
+    check_the_one_gate(tab, args, message)
 
 
 @pytest.mark.parametrize("args, message", BAD_INPUT)
 def test_bad_input_errors(tmp_path, capsys, args, message):
-    out = tmp_path / "h"
-    assert run(tmp_path, "--histories-dir", str(out), *args) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
-    assert not out.exists() and not (tmp_path / "runs").exists()
+    check_one_line_error(tmp_path, capsys, SCRIPT, args, message)
 
 
 def test_interrupted_run_exits_130_saying_what_was_written(tmp_path):
