@@ -30,7 +30,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -42,7 +42,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import trange
 
 FORMAT_VERSION = 1
-NUM_ACTIONS = 5
+MOVES = ((0, 0), (-1, 0), (0, 1), (1, 0), (0, -1))  # the actions: noop, up, right, down, left (row, col steps)
+NUM_ACTIONS = len(MOVES)
 # the arrays of a history file and their dtypes (see README.md#history-format)
 HISTORY_KEYS = {
     "states": np.uint8,
@@ -276,77 +277,35 @@ def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]]
     return [(goal, which[goal]) for goal in sorted(chosen)]
 
 
-class DarkRoomVectorEnv(gym.vector.VectorEnv):
-    """toymeta's `DarkRoom` + `TimeLimit` for many envs (each with its own goal) in numpy.
+class DarkRoomVectorEnv:
+    """toymeta's `DarkRoom` + `TimeLimit`, many envs (a goal each) in numpy, as a SAME_STEP SyncVectorEnv returns them."""
 
-    Episodes start in the centre (`random_start=False`), or, given `start_rngs`, in a uniformly random cell drawn
-    as toymeta draws it (a (row, col) pair of integers): the envs are split into len(start_rngs) equal blocks, and
-    each block's generator draws, in env order, the starts of its envs that reset. An env alone in its block with
-    `np.random.default_rng(seed)` starts where toymeta's env does after `reset(seed=seed)`.
+    def __init__(self, goals, size=9, terminate_on_goal=True, max_episode_steps=20, start_rngs=None):
+        self.goal_states = np.asarray(goals, dtype=np.int64).reshape(-1, 2) @ np.array([size, 1])
+        self.num_envs, self.size, self.start_state = len(self.goal_states), size, (size // 2) * (size + 1)  # the centre
+        self.terminate_on_goal, self.max_episode_steps, self.start_rngs = terminate_on_goal, max_episode_steps, start_rngs
+        moved = np.clip(np.divmod(np.arange(size * size), size) + np.array(MOVES)[:, :, None], 0, size - 1)  # walls block
+        self.transitions = np.ascontiguousarray((moved[:, 0] * size + moved[:, 1]).T)  # next state of (state, action)
+        self.blocks = np.split(np.arange(self.num_envs), len(start_rngs)) if start_rngs else []  # one rng per block
 
-    Same states, rewards, terminations and truncations as the toymeta env wrapped in `TimeLimit`, as a
-    `SyncVectorEnv` in SAME_STEP autoreset mode shows them: an env whose episode ended is reset in the same
-    step; `info["final_obs"]` holds the state each action led to (for every env, before any reset;
-    `info["_final_obs"]` marks the envs whose episode ended), and `info["timestep"]` the within-episode time
-    step of the returned observation (0 after a reset). Like `TimeLimit`, `truncated` is True whenever the
-    time limit is hit, even on a step that also terminates at the goal.
-    """
-
-    metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
-
-    def __init__(self, goals: np.ndarray, size: int = 9, terminate_on_goal: bool = True, max_episode_steps: int = 20,
-                 start_rngs: Optional[Sequence[np.random.Generator]] = None):
-        goals = np.asarray(goals, dtype=np.int64).reshape(-1, 2)
-        self.num_envs = len(goals)
-        self.start_rngs = start_rngs
-        if start_rngs is not None and (not start_rngs or self.num_envs % len(start_rngs)):
-            raise ValueError(f"{len(start_rngs)} start generators cannot split {self.num_envs} envs into equal blocks")
-        self.size, self.terminate_on_goal, self.max_episode_steps = size, terminate_on_goal, max_episode_steps
-        self.single_observation_space = gym.spaces.Discrete(size * size)
-        self.single_action_space = gym.spaces.Discrete(NUM_ACTIONS)
-        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
-        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
-        self.start_state = (size // 2) * size + size // 2
-        self.goal_states = goals[:, 0] * size + goals[:, 1]
-        # next state of every (state, action): noop, up, right, down, left; walls stop the agent
-        row, col = np.divmod(np.arange(size * size), size)
-        moves = [(0, 0), (-1, 0), (0, 1), (1, 0), (0, -1)]
-        self.transitions = np.stack(
-            [np.clip(row + dr, 0, size - 1) * size + np.clip(col + dc, 0, size - 1) for dr, dc in moves], axis=1
-        )  # (num_states, num_actions)
-        self.state = np.full(self.num_envs, self.start_state, dtype=np.int64)  # until reset() draws the starts
-        self.timestep = np.zeros(self.num_envs, dtype=np.int64)
-
-    def starts(self, resetting: np.ndarray) -> np.ndarray:
-        """The start cell of every env (used where `resetting`): the centre, or a random cell from the env's block's generator."""
-        if self.start_rngs is None:
-            return np.full(self.num_envs, self.start_state, dtype=np.int64)
-        start = np.zeros(self.num_envs, dtype=np.int64)
-        block = self.num_envs // len(self.start_rngs)
-        for b, rng in enumerate(self.start_rngs):
-            envs = b * block + np.flatnonzero(resetting[b * block:(b + 1) * block])
-            if envs.size:  # draws depend on this block only, so a history does not depend on the tasks beside it
-                row, col = rng.integers(0, self.size, size=(envs.size, 2)).T
-                start[envs] = row * self.size + col
+    def starts(self, resetting):  # random starts as toymeta draws them; a block's depend on that block only
+        start = np.full(self.num_envs, self.start_state, dtype=np.int64)
+        for envs, rng in zip(self.blocks, self.start_rngs or ()):
+            if (envs := envs[resetting[envs]]).size:
+                start[envs] = rng.integers(0, self.size, size=(envs.size, 2)) @ np.array([self.size, 1])
         return start
 
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed, options=options)  # the starts come from start_rngs: the seed changes nothing
-        self.state = self.starts(np.ones(self.num_envs, dtype=bool))
-        self.timestep = np.zeros(self.num_envs, dtype=np.int64)
+    def reset(self, seed=None, options=None):  # the starts come from start_rngs: the seed changes nothing
+        self.state, self.timestep = self.starts(np.ones(self.num_envs, bool)), np.zeros(self.num_envs, dtype=np.int64)
         return self.state, {"timestep": self.timestep}
 
-    def step(self, actions):
+    def step(self, actions):  # fresh arrays every step, so the arrays handed out never change afterwards
         next_state = self.transitions[self.state, actions]
-        at_goal = next_state == self.goal_states
-        terminated = at_goal if self.terminate_on_goal else np.zeros_like(at_goal)
-        truncated = self.timestep >= self.max_episode_steps - 1
+        reward = (next_state == self.goal_states).astype(np.float32)
+        terminated, truncated = (reward > 0) & self.terminate_on_goal, self.timestep >= self.max_episode_steps - 1
         ended = terminated | truncated
-        # fresh arrays every step, so the arrays handed out are never changed afterwards
-        self.state = np.where(ended, self.starts(ended), next_state)
-        self.timestep = np.where(ended, 0, self.timestep + 1)
-        infos = {"final_obs": next_state, "_final_obs": ended, "timestep": self.timestep}
-        return self.state, at_goal.astype(np.float32), terminated, truncated, infos
+        self.state, self.timestep = np.where(ended, self.starts(ended), next_state), np.where(ended, 0, self.timestep + 1)
+        return self.state, reward, terminated, truncated, {"final_obs": next_state, "timestep": self.timestep}
 
 
 def layer_init(layer: nn.Linear, std: float) -> nn.Linear:
@@ -820,7 +779,7 @@ if __name__ == "__main__":
     goals = [goal for goal, _ in todo]
     K, E, T = args.agents_per_goal, args.num_envs, args.num_steps
     A = len(todo) * K
-    num_states = envs.single_observation_space.n
+    num_states = args.size * args.size
     # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
     recorder = HistoryRecorder(args, config, todo, envs)
     KEPT = recorder.kept(writer.log_dir)
