@@ -204,79 +204,6 @@ def check_args(args: Args) -> None:
                          f"--num-envs x --num-steps)")
 
 
-def available_memory() -> int:
-    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
-    """Refuse, in one line, a collection whose arrays would not fit in the memory available now.
-
-    What the peak holds: the interpreter and libraries, the histories (one byte a value), the rollout with the
-    per-step temporaries, and the learners of one goal (`learner_bytes`, each source's estimate) for every goal.
-    """
-    N = num_goals * args.agents_per_goal * args.num_envs
-    histories = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N
-    rollout = args.num_steps * N * 128
-    needed, available = 300 * 2**20 + histories + rollout + num_goals * learner_bytes, available_memory()
-    if needed > available:
-        raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_goals} task(s) "
-                         f"to collect needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB more "
-                         f"than the {available / 2**30:.1f} GiB available: lower --history-len or --num-envs, or collect "
-                         f"fewer --tasks at once")
-
-
-def check_writable(directory: str, fix: str) -> None:
-    """Make `directory` and write a probe file in it: a one-line error now rather than a traceback after the work."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".writable")
-        open(probe, "wb").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
-
-
-def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, List[Tuple[int, int]]]:
-    """All goals (every cell but the start, the centre), split at random by `split_seed`; each part sorted."""
-    centre = size // 2
-    goals = [(row, col) for row in range(size) for col in range(size) if (row, col) != (centre, centre)]
-    order = np.random.default_rng(split_seed).permutation(len(goals))
-    return {
-        "train": sorted(goals[i] for i in order[:num_train_tasks]),
-        "test": sorted(goals[i] for i in order[num_train_tasks:]),
-    }
-
-
-def parse_goal(name: str, size: int) -> Optional[Tuple[int, int]]:
-    """The goal named `row,col` by --tasks, or None unless it is a cell of the grid other than the start (the centre)."""
-    try:
-        goal = tuple(int(x) for x in name.split(","))
-    except ValueError:
-        return None
-    if len(goal) != 2 or not all(0 <= x < size for x in goal) or goal == (size // 2, size // 2):
-        return None
-    return goal
-
-
-def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]], size: int) -> List[Tuple[Tuple[int, int], str]]:
-    """(goal, "train"|"test") of every task named by --tasks (names checked by `check_args`), in grid order, without duplicates."""
-    which = {goal: part for part in ("train", "test") for goal in split[part]}
-    chosen = set()
-    for name in names:
-        if name in ("train", "test"):
-            chosen.update(split[name])
-        elif name == "all":
-            chosen.update(which)
-        else:
-            chosen.add(parse_goal(name, size))
-    return [(goal, which[goal]) for goal in sorted(chosen)]
-
-
 class DarkRoomVectorEnv:
     """toymeta's `DarkRoom` + `TimeLimit`, many envs (a goal each) in numpy, as a SAME_STEP SyncVectorEnv returns them."""
 
@@ -419,6 +346,82 @@ def make_optimizer(args: Args, parameters) -> optim.Optimizer:
         return optim.RMSprop(parameters, lr=args.learning_rate, eps=args.adam_eps)
     # the fused kernel does the same elementwise Adam step in one pass, much faster than the default on a CPU
     return optim.Adam(parameters, lr=args.learning_rate, eps=args.adam_eps, fused=True)
+
+
+# ---------------------------------------------------------------------------------------------- tasks and histories
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
+    """Refuse, in one line, a collection whose arrays would not fit in the memory available now.
+
+    What the peak holds: the interpreter and libraries, the histories (one byte a value), the rollout with the
+    per-step temporaries, and the learners of one goal (`learner_bytes`, each source's estimate) for every goal.
+    """
+    N = num_goals * args.agents_per_goal * args.num_envs
+    histories = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N
+    rollout = args.num_steps * N * 128
+    needed, available = 300 * 2**20 + histories + rollout + num_goals * learner_bytes, available_memory()
+    if needed > available:
+        raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_goals} task(s) "
+                         f"to collect needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB more "
+                         f"than the {available / 2**30:.1f} GiB available: lower --history-len or --num-envs, or collect "
+                         f"fewer --tasks at once")
+
+
+def check_writable(directory: str, fix: str) -> None:
+    """Make `directory` and write a probe file in it: a one-line error now rather than a traceback after the work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".writable")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
+
+
+def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, List[Tuple[int, int]]]:
+    """All goals (every cell but the start, the centre), split at random by `split_seed`; each part sorted."""
+    centre = size // 2
+    goals = [(row, col) for row in range(size) for col in range(size) if (row, col) != (centre, centre)]
+    order = np.random.default_rng(split_seed).permutation(len(goals))
+    return {
+        "train": sorted(goals[i] for i in order[:num_train_tasks]),
+        "test": sorted(goals[i] for i in order[num_train_tasks:]),
+    }
+
+
+def parse_goal(name: str, size: int) -> Optional[Tuple[int, int]]:
+    """The goal named `row,col` by --tasks, or None unless it is a cell of the grid other than the start (the centre)."""
+    try:
+        goal = tuple(int(x) for x in name.split(","))
+    except ValueError:
+        return None
+    if len(goal) != 2 or not all(0 <= x < size for x in goal) or goal == (size // 2, size // 2):
+        return None
+    return goal
+
+
+def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]], size: int) -> List[Tuple[Tuple[int, int], str]]:
+    """(goal, "train"|"test") of every task named by --tasks (names checked by `check_args`), in grid order, without duplicates."""
+    which = {goal: part for part in ("train", "test") for goal in split[part]}
+    chosen = set()
+    for name in names:
+        if name in ("train", "test"):
+            chosen.update(split[name])
+        elif name == "all":
+            chosen.update(which)
+        else:
+            chosen.add(parse_goal(name, size))
+    return [(goal, which[goal]) for goal in sorted(chosen)]
 
 
 def agent_seeds(seed: int, goal: Tuple[int, int], size: int, index: int = 0) -> Tuple[int, np.random.Generator, np.random.Generator]:
