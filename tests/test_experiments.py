@@ -1,4 +1,4 @@
-"""Tests of experiments/sweep.py: the learning-arc measure of the pace study, and that every config names a known source."""
+"""Tests of experiments/: the learning-arc measure of the pace study, that every config names a known source, the data study, the entropy floor, the three-split summary."""
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +156,17 @@ def test_entropy_floor_replays_the_learner_that_wrote_the_history(eps):
         h["actions"][2, t] = (h["actions"][2, t] + 1) % 5
         with pytest.raises(SystemExit, match="not one of the replayed learner's best"):
             entropy_floor.action_entropy(h)
+
+
+def test_three_splits_takes_mean_and_range_over_the_splits():
+    import three_splits
+
+    def row(ad, source, exploit, name):
+        return {"file": name, "source": "dynaq", "success_by_episode": {"ad": [ad] * 100, "dynaq": [source] * 100},
+                "exploit_rate": exploit}
+
+    out = three_splits.combine([row(0.9, 1.0, 0.98, "a"), row(0.6, 0.9, 0.90, "b"), row(0.75, 0.95, 0.94, "c")])
+    assert out["table"]["ad"]["41-50"] == {"mean": 0.75, "min": 0.6, "max": 0.9}
+    assert out["table"]["source"]["ep. 1"] == {"mean": 0.95, "min": 0.9, "max": 1.0}
+    assert out["table"]["ad"]["exploit rate"] == {"mean": 0.94, "min": 0.9, "max": 0.98}
+    assert out["worst_mean_gap"] == -0.2 and out["episodes_more_than_0.05_below"] == 100 and out["splits"] == ["a", "b", "c"]
