@@ -1,12 +1,16 @@
-# How much of its context should AD keep when the context is full? Docs: experiments/README.md
-#   .venv/bin/python experiments/context_keep.py runs/ad_dynaq__*/ad_dt_003600.pt 64,96,128,192,240 [--save experiments/context_keep.json]
+# How much of its context should AD keep when the context is full, and can it use a longer one? Docs: experiments/README.md
+#   .venv/bin/python experiments/context_keep.py runs/ad_dynaq__*/ad_dt_003600.pt 64,96,128,192,240 [--context N] [--save experiments/context_keep.json]
+# --context N evaluates with a context of N transitions instead of the seq_len it trained with: nothing in the weights
+# depends on seq_len (a token's position is its env step within the episode), so the model runs as it is on longer ones.
 # (each value: the held-out and the training goals, 4 seeds per goal, 100 episodes, sampled actions; 1-2 min on one core)
 # evaluate_in_context drops a full context to its most recent seq_len // 2 transitions. Every training window of
 # reproduce.sh's stages is a whole stream from its empty start, so any context after the first cut is one the model
 # never trained on, however much of it is kept. This evaluates one checkpoint with other amounts kept, as eval_ad.py
 # would (the same seed, so the first seq_len steps are the same in every row), and prints success over episodes
-# 11-20, 41-50 and all of them, and the success after the first success before and after the first cut.
+# 11-20, 41-50 and all of them, and the success after the first success before and after step seq_len (the first cut
+# of the trained context).
 # --save adds the rows to the JSON file, replacing older rows of the same checkpoint and amount, keeping the rest.
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,10 +26,11 @@ import eval_ad  # noqa: E402
 SEEDS, EPISODES, SEED = 4, 100, 1  # eval_ad.py's defaults
 
 if __name__ == "__main__":
-    usage = "usage: experiments/context_keep.py CHECKPOINT KEEP[,KEEP...] [--save FILE.json]"
+    usage = "usage: experiments/context_keep.py CHECKPOINT KEEP[,KEEP...] [--context N] [--save FILE.json]"
     saved = sys.argv.index("--save") + 1 if "--save" in sys.argv else None
-    args = [a for i, a in enumerate(sys.argv[1:], 1) if a != "--save" and i != saved]
-    if len(args) != 2 or saved == len(sys.argv):
+    given = sys.argv.index("--context") + 1 if "--context" in sys.argv else None
+    args = [a for i, a in enumerate(sys.argv[1:], 1) if a not in ("--save", "--context") and i not in (saved, given)]
+    if len(args) != 2 or len(sys.argv) in (saved, given) or (given and not sys.argv[given].isdigit()):
         raise SystemExit(usage)
     checkpoint_path = args[0]
     try:
@@ -36,12 +41,14 @@ if __name__ == "__main__":
     torch.manual_seed(SEED)
     model, checkpoint = ad_dt.load_checkpoint(checkpoint_path, torch.device("cpu"))
     tasks, seq_len = checkpoint["tasks"], model.config.seq_len
-    if not all(1 <= k < seq_len for k in keeps):  # before minutes of evaluation
-        raise SystemExit(f"error: every KEEP must be in 1..{seq_len - 1} (this model's seq_len - 1), got {args[1]}")
+    context = int(sys.argv[given]) if given else seq_len
+    model.config = dataclasses.replace(model.config, seq_len=context)  # the KV cache and the cut follow it
+    if not all(1 <= k < context for k in keeps):  # before minutes of evaluation
+        raise SystemExit(f"error: every KEEP must be in 1..{context - 1} (the context - 1), got {args[1]}")
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731 (None: no such episode)
     rows = []
     for keep in keeps:
-        row = {"checkpoint": checkpoint_path, "seq_len": seq_len, "keep": keep}
+        row = {"checkpoint": checkpoint_path, "seq_len": seq_len, "context": context, "keep": keep}
         for part, goals in (("held_out", tasks["test"]), ("train_goals", tasks["train"])):
             result = ad_dt.evaluate_in_context(model, goals, tasks["env"], SEEDS, EPISODES, seed=SEED, keep=keep)
             success = result["successes"].mean(0)
@@ -49,13 +56,13 @@ if __name__ == "__main__":
                          "success_all": float(success.mean()),
                          "by_context": eval_ad.success_by_context(result["returns"], result["timesteps"], seq_len)}
             c = row[part]["by_context"]
-            print(f"keep {keep} of {seq_len}, {part}: success 11-20 {success[10:20].mean():.3f}, 41-50 {success[40:50].mean():.3f}, "
-                  f"all {success.mean():.3f}; after the first success {fmt(c['first_context'])} before the first cut, "
+            print(f"keep {keep} of {context}, {part}: success 11-20 {success[10:20].mean():.3f}, 41-50 {success[40:50].mean():.3f}, "
+                  f"all {success.mean():.3f}; after the first success {fmt(c['first_context'])} before step {seq_len}, "
                   f"{fmt(c['after_cut'])} after it", flush=True)
         rows.append(row)
     if saved:
         out = Path(sys.argv[saved])
         kept = [r for r in (json.loads(out.read_text()) if out.exists() else [])
-                if (r["checkpoint"], r["keep"]) not in {(checkpoint_path, k) for k in keeps}]
+                if (r["checkpoint"], r.get("context", r["seq_len"]), r["keep"]) not in {(checkpoint_path, context, k) for k in keeps}]
         out.write_text(json.dumps(kept + rows, indent=1))
         print(f"saved {out}")
