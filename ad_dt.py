@@ -124,6 +124,9 @@ class Args:
     """if toggled, act greedily instead of sampling from the policy (greedy decoding cannot explore)"""
     eval_temperature: float = 1.0
     """sampling temperature of the evaluation's actions (1.0: the policy as trained)"""
+    eval_context: Optional[int] = None
+    """the most transitions the evaluation's context holds; None (the default): the whole run, never cut. A number such
+    as the --seq-len drops a full context to its most recent half, as a model that has only seen seq_len-long windows"""
     eval_train_goals: bool = True
     """also evaluate on the training goals (one env each; `eval_train/` tags): held-out far below training = memorised goals"""
     diagnostic_windows: int = 64
@@ -167,6 +170,7 @@ def check_args(args, world_size=1):
     need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
     need(args.seq_len >= 2, "seq-len", "at least 2 (a window holds the transitions before the action predicted)")
     need(args.history_len is None or args.history_len >= 1, "history-len", "at least 1, or None to keep whole histories")
+    need(args.eval_context is None or args.eval_context >= 2, "eval-context", "at least 2, or None for the whole run")
     need(args.warmup_steps >= 0, "warmup-steps", "at least 0")
     need(args.diagnostic_windows >= 0, "diagnostic-windows", "at least 0")
     need(0 <= args.stream_start_frac <= 1, "stream-start-frac", "in [0, 1]")
@@ -500,10 +504,11 @@ class ADTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
-    def setup_caches(self, batch_size):
-        """Give every layer a KV cache for `batch_size` sequences of up to seq_len transitions (not in the state_dict)."""
+    def setup_caches(self, batch_size, max_transitions=None):
+        """Give every layer a KV cache for `batch_size` sequences of up to `max_transitions` (default seq_len) transitions
+        (not in the state_dict). Longer than seq_len works: no weight depends on it, a token's position is its episode step."""
         c, p = self.config, self.action_head.weight
-        max_len = c.seq_len * c.tokens_per_transition
+        max_len = (max_transitions or c.seq_len) * c.tokens_per_transition
         shape = (batch_size, c.num_heads, max_len, c.embedding_dim // c.num_heads)
         for block in self.transformer.h:
             block.attn.kv_cache = tuple(torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in "kv")
@@ -548,12 +553,13 @@ class ADTransformer(nn.Module):
 # in-context evaluation: many goals at once, from an empty context, with the KV cache
 @torch.no_grad()
 def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False, seed=0, use_cache=True, temperature=1.0,
-                        keep=None):
+                        context=None, keep=None):
     """Run len(goals) x num_seeds envs in lockstep for num_episodes whole episodes each, from an empty context.
 
     Per step only the new transition's tokens go through the model (use_cache=False recomputes the whole
-    window instead: same logits, for benchmarks and tests). When the context holds seq_len transitions,
-    it drops to its most recent `keep` (default seq_len // 2; the new one included) and those are re-prefilled, so
+    window instead: same logits, for benchmarks and tests). The context holds up to `context` transitions, by default
+    the whole run (num_episodes x the time limit): like its source's Q-table, AD's memory then never forgets. A
+    context that fills up drops to its most recent `keep` (default context // 2; the new one included), re-prefilled, so
     every action's logits are those of a plain forward pass over exactly the transitions in the context.
     env: tasks.json's env (see make_envs). Env i has goal goals[i // num_seeds]. Actions are sampled
     from softmax(logits / temperature), or the argmax with greedy.
@@ -561,10 +567,11 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     rewards, next_states (where each action led, before any reset), timesteps [envs, steps] and logits
     [envs, steps, NUM_ACTIONS]; goals [envs, 2].
     """
-    device, L = model.action_head.weight.device, model.config.seq_len
+    device = model.action_head.weight.device
+    L = num_episodes * env["max_episode_steps"] if context is None else context  # the whole run cannot fill it
     keep = L // 2 if keep is None else keep
     if not 1 <= keep < L:
-        raise ValueError(f"keep must be in 1..{L - 1} (seq_len - 1), got {keep}")
+        raise ValueError(f"keep must be in 1..{L - 1} (context - 1), got {keep}")
     was_training = model.training
     model.eval()
     k = model.config.tokens_per_transition
@@ -581,7 +588,7 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     prev_action, prev_reward, prev_next_state, prev_state = (
         np.full(N, NO_ACTION), np.full(N, NO_REWARD), np.full(N, NO_STATE), np.full(N, NO_STATE))
     if use_cache:
-        model.setup_caches(N)
+        model.setup_caches(N, L)
     try:
         while episode.min() < num_episodes:
             new = n  # first context slot that the model has not seen
@@ -734,7 +741,7 @@ def log_evaluation(writer, model, tasks, args, step, batches):
     TensorBoard; returns a one-line summary."""
     def evaluate(goals, num_seeds, tag):
         result = evaluate_in_context(model, goals, tasks["env"], num_seeds, args.eval_episodes, args.eval_greedy, args.seed,
-                                     temperature=args.eval_temperature)
+                                     temperature=args.eval_temperature, context=args.eval_context)
         summary = summarize_evaluation(result)
         for key, value in summary.items():
             writer.add_scalar(f"{tag}/{key}", value, step)

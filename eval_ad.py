@@ -71,6 +71,9 @@ class Args:
     """if toggled, the model acts greedily instead of sampling from its policy (greedy decoding cannot explore)"""
     temperature: float = 1.0
     """sampling temperature of the model's actions (1.0: its policy as trained, the headline; below 1: closer to greedy)"""
+    context: Optional[int] = None
+    """the most transitions the model's context holds; None (the default, the headline): the whole run, never cut. The
+    checkpoint's seq_len cuts a full context to its most recent half (ad_dt.py's evaluation before this flag existed)"""
     loss_windows: int = 256
     """windows (sampled as in training) of the held-out and of the training histories for the teacher-forced loss; 0 skips it"""
     video_episodes: int = 10
@@ -91,6 +94,8 @@ def check_args(args):
         raise SystemExit(f"error: --seed must be in 0..2**32-1 (numpy's seeds), got {args.seed}")
     if not 0 < len(args.exp_name.encode()) <= 200 or "/" in args.exp_name:
         raise SystemExit(f"error: --exp-name must be a non-empty file name without '/', got {args.exp_name}")
+    if args.context is not None and args.context < 2:
+        raise SystemExit(f"error: --context must be at least 2 transitions, or left out for the whole run, got {args.context}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise SystemExit(f"error: --temperature must be positive (use --greedy for argmax actions), got {args.temperature}")
     if args.cuda and not torch.cuda.is_available():
@@ -268,11 +273,11 @@ def diagnose(returns):
 
 
 def success_by_context(returns, timesteps, seq_len):
-    """Success after the first success, split at the first cut of the context: the success of the episodes after
-    an env's first success that start within its first seq_len steps (they start while the context holds the whole
-    run from its empty start, as a training window over a window-long stream does; the one that spans the cut
-    counts here) and of those that start later (evaluate_in_context has cut the context to its most recent
-    transitions, which start mid-run). returns [envs, episodes]; timesteps [envs, steps]."""
+    """Success after the first success, split at the trained window's length: the success of the episodes after
+    an env's first success that start within its first seq_len steps (the context holds the run from its empty
+    start and is no longer than a training window; the episode that spans step seq_len counts here) and of those
+    that start later (a context longer than any the model trained on or, with --context seq_len, one cut to its
+    recent transitions, which start mid-run). returns [envs, episodes]; timesteps [envs, steps]."""
     counts = {"first_context": [0, 0], "after_cut": [0, 0]}  # [episodes, successes]
     for env_successes, env_timesteps in zip(returns > 0, timesteps):
         starts = np.flatnonzero(env_timesteps == 0)[: len(env_successes)]  # the step each episode starts at
@@ -295,7 +300,8 @@ def evaluate_methods(model, goals, env, histories, source, meta, args):
     """AD in context, the random, optimal and oracle baselines, and the source from scratch, all on these goals with the
     same episodes and env settings. Returns ({method: Runs}, AD's trajectories, AD's seconds, notes)."""
     start_time = time.perf_counter()
-    result = evaluate_in_context(model, goals, env, args.seeds, args.episodes, args.greedy, args.seed, temperature=args.temperature)
+    result = evaluate_in_context(model, goals, env, args.seeds, args.episodes, args.greedy, args.seed, temperature=args.temperature,
+                                 context=args.context)
     seconds = time.perf_counter() - start_time
     task_of_run = np.arange(len(result["returns"])) // args.seeds
     methods, notes = {"ad": Runs(result["returns"], task_of_run, goals)}, []
@@ -477,8 +483,9 @@ def report(results, args, out_dir):
     print(f"\nover {episodes} episodes:\n\n" + markdown_table(header, rows) + "\n")
     for part, d in results["diagnostics"]["ad_success_by_context"].items():
         print(f"AD's success after its first success, {part.replace('_', ' ')}: {fmt(d['first_context'])} in the episodes that "
-              f"start in its first {d['seq_len']} steps (while the context holds the whole run), {fmt(d['after_cut'])} in "
-              f"later ones (the context cut); {d['first_context_episodes']} / {d['after_cut_episodes']} episodes")
+              f"start in its first {d['seq_len']} steps (a context no longer than it trained with), {fmt(d['after_cut'])} in "
+              f"later ones ({'cut to its recent half' if args.context else 'longer'}); {d['first_context_episodes']} / "
+              f"{d['after_cut_episodes']} episodes")
     loss = results["diagnostics"]["teacher_forced_loss"]
     if loss is not None:
         print(f"\nteacher-forced action loss (nats, {loss['windows']} windows of {loss['seq_len']}): held-out histories "

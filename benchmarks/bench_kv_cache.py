@@ -50,8 +50,8 @@ if __name__ == "__main__":
             ad_dt.evaluate_in_context(model, goals[:1], env, 1, 1, use_cache=use_cache)  # warm-up
             start = time.perf_counter()
             results[use_cache] = ad_dt.evaluate_in_context(
-                model, goals, env, args.eval_seeds, args.eval_episodes, seed=args.seed, use_cache=use_cache
-            )
+                model, goals, env, args.eval_seeds, args.eval_episodes, seed=args.seed, use_cache=use_cache,
+                context=args.seq_len)  # a context of seq_len transitions (a longer one makes the recomputation slower still)
             steps = results[use_cache]["states"].size  # env steps over all envs
             speed[use_cache] = steps / (time.perf_counter() - start)
         same = np.array_equal(results[True]["actions"], results[False]["actions"])

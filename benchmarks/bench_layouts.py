@@ -152,7 +152,8 @@ if __name__ == "__main__":
         losses = [train_step(model, optimizer, scheduler, data, train_args, rng) for _ in range(num_updates)]
         train_time = time.perf_counter() - start
         start = time.perf_counter()
-        result = evaluate_in_context(model, tasks["test"], env, args.eval_seeds, args.eval_episodes, seed=args.seed)
+        result = evaluate_in_context(model, tasks["test"], env, args.eval_seeds, args.eval_episodes, seed=args.seed,
+                                     context=train_args.seq_len)  # cut at the window, as when these were measured
         eval_time = time.perf_counter() - start
         summary = summarize_evaluation(result)
         mean_return[layout] = float(result["returns"].mean())

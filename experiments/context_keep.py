@@ -1,16 +1,15 @@
 # How much of its context should AD keep when the context is full, and can it use a longer one? Docs: experiments/README.md
 #   .venv/bin/python experiments/context_keep.py runs/ad_dynaq__*/ad_dt_003600.pt 64,96,128,192,240 [--context N] [--save experiments/context_keep.json]
-# --context N evaluates with a context of N transitions instead of the seq_len it trained with: nothing in the weights
-# depends on seq_len (a token's position is its env step within the episode), so the model runs as it is on longer ones.
+# --context N evaluates with a context of N transitions (default: the seq_len it trained with; eval_ad.py's default is
+# the whole run, eval_ad.py --context N the same cut as here with KEEP = N // 2).
 # (each value: the held-out and the training goals, 4 seeds per goal, 100 episodes, sampled actions; 1-2 min on one core)
-# evaluate_in_context drops a full context to its most recent seq_len // 2 transitions. Every training window of
+# evaluate_in_context drops a full context to its most recent KEEP transitions. Every training window of
 # reproduce.sh's stages is a whole stream from its empty start, so any context after the first cut is one the model
 # never trained on, however much of it is kept. This evaluates one checkpoint with other amounts kept, as eval_ad.py
 # would (the same seed, so the first seq_len steps are the same in every row), and prints success over episodes
 # 11-20, 41-50 and all of them, and the success after the first success before and after step seq_len (the first cut
 # of the trained context).
 # --save adds the rows to the JSON file, replacing older rows of the same checkpoint and amount, keeping the rest.
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -42,7 +41,6 @@ if __name__ == "__main__":
     model, checkpoint = ad_dt.load_checkpoint(checkpoint_path, torch.device("cpu"))
     tasks, seq_len = checkpoint["tasks"], model.config.seq_len
     context = int(sys.argv[given]) if given else seq_len
-    model.config = dataclasses.replace(model.config, seq_len=context)  # the KV cache and the cut follow it
     if not all(1 <= k < context for k in keeps):  # before minutes of evaluation
         raise SystemExit(f"error: every KEEP must be in 1..{context - 1} (the context - 1), got {args[1]}")
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731 (None: no such episode)
@@ -50,7 +48,7 @@ if __name__ == "__main__":
     for keep in keeps:
         row = {"checkpoint": checkpoint_path, "seq_len": seq_len, "context": context, "keep": keep}
         for part, goals in (("held_out", tasks["test"]), ("train_goals", tasks["train"])):
-            result = ad_dt.evaluate_in_context(model, goals, tasks["env"], SEEDS, EPISODES, seed=SEED, keep=keep)
+            result = ad_dt.evaluate_in_context(model, goals, tasks["env"], SEEDS, EPISODES, seed=SEED, context=context, keep=keep)
             success = result["successes"].mean(0)
             row[part] = {"success_11_20": float(success[10:20].mean()), "success_41_50": float(success[40:50].mean()),
                          "success_all": float(success.mean()),

@@ -246,7 +246,7 @@ def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, stat
     model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state, prev_state=prev_state)
     # goals next to the start: the random policy ends episodes early, at different steps in different envs
     goals = [[3, 4], [4, 5], [5, 4], [4, 3], [0, 0]]
-    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, keep=keep)
+    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, context=seq_len, keep=keep)
     steps = result["states"].shape[1]
     assert steps > 2 * seq_len  # several re-prefills
     ends = [set(np.flatnonzero(result["timesteps"][i, 1:] == 0)) for i in range(len(result["states"]))]
@@ -269,9 +269,31 @@ def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, stat
     assert max_abs_error > 1e-2
 
     # recomputing the window every step (the benchmark's baseline) takes the same actions
-    recomputed = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, use_cache=False, keep=keep)
+    recomputed = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, use_cache=False,
+                                           context=seq_len, keep=keep)
     np.testing.assert_array_equal(recomputed["actions"], result["actions"])
     np.testing.assert_allclose(recomputed["logits"], result["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["one", "three"])
+def test_the_default_context_holds_the_whole_run_past_seq_len(layout):
+    # by default nothing is ever dropped: every action's logits are a plain forward pass over the run so far,
+    # also after seq_len transitions (the model's weights do not depend on it)
+    seq_len = 8
+    model = make_model(layout, seq_len, prev_next_state=True, prev_state=True)
+    goals = [[3, 4], [0, 8], [8, 0]]
+    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=3, seed=5)
+    steps = result["states"].shape[1]
+    assert steps > 4 * seq_len
+    rows = np.arange(len(result["states"]))
+    for t in list(range(0, steps, 7)) + [steps - 1]:
+        with torch.no_grad():
+            expected = model(*stream_inputs(result, rows, np.arange(t + 1)))[:, -1]
+        torch.testing.assert_close(torch.as_tensor(result["logits"][:, t]), expected, atol=1e-5, rtol=0)
+    # and it is not the cut context: that one gives other actions' logits once the run is past seq_len
+    cut = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=3, seed=5, context=seq_len)
+    np.testing.assert_allclose(cut["logits"][:, :seq_len], result["logits"][:, :seq_len], atol=1e-5, rtol=0)
+    assert not np.allclose(cut["logits"][:, seq_len:2 * seq_len], result["logits"][:, seq_len:2 * seq_len], atol=1e-3)
 
 
 def test_evaluation_rejects_a_context_that_keeps_all_or_nothing():
@@ -279,7 +301,7 @@ def test_evaluation_rejects_a_context_that_keeps_all_or_nothing():
     model = make_model("one", 8)
     for bad in (0, 8):
         with pytest.raises(ValueError, match="keep must be in 1..7"):
-            ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, keep=bad)
+            ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, context=8, keep=bad)
 
 
 def test_evaluation_follows_the_env_and_counts_whole_episodes():

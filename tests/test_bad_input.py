@@ -61,6 +61,7 @@ BAD_FLAGS = [
     (["--learning-rate", "1e3"], "--learning-rate"),
     (["--min-lr", "1"], "--min-lr"), (["--seq-len", "1"], "--seq-len"), (["--embedding-dim", "30", "--num-heads", "4"], "--embedding-dim"),
     (["--stream-start-frac", "2"], "--stream-start-frac"), (["--eval-temperature", "0"], "--eval-temperature"),
+    (["--eval-context", "1"], "--eval-context"),
     (["--keep-every", "0"], "--keep-every"), (["--clip-grad", "0"], "--clip-grad"), (["--eval-episodes", "0"], "--eval-episodes"),
     (["--warmup-steps", "-1"], "--warmup-steps"), (["--diagnostic-windows", "-1"], "--diagnostic-windows"),
     (["--histories-dir", "nowhere"], "nowhere"),
@@ -78,7 +79,8 @@ def test_ad_dt_bad_flag_is_one_line_naming_it_and_writes_nothing(flags, named, c
 
 
 BAD_EVAL_FLAGS = [(["--episodes", "0"], "--episodes"), (["--seeds", "0"], "--seeds"), (["--seed", "-3"], "--seed"),
-                  (["--temperature", "0"], "--temperature"), (["--video-task", "-1"], "--video-task"), (["--video-task", "99"], "--video-task"),
+                  (["--temperature", "0"], "--temperature"), (["--context", "1"], "--context"), (["--video-task", "-1"], "--video-task"),
+                  (["--video-task", "99"], "--video-task"),
                   (["--loss-windows", "-1"], "--loss-windows"), (["--num-threads", "0"], "--num-threads"),
                   (["--seed", str(2**32)], "--seed"), (["--exp-name", "../../x"], "--exp-name")]
 

@@ -91,13 +91,29 @@ def test_eval_ad_takes_the_same_actions_as_ad_dt(checkpoints, evaluated):
     model, checkpoint = ad_dt.load_checkpoint(checkpoints["strong"])
     tasks = checkpoint["tasks"]
     expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1)  # eval_ad's default --seed
-    assert len(np.unique(expected["actions"])) == 5 and expected["states"].shape[1] > model.config.seq_len  # varied, re-prefilled
+    assert len(np.unique(expected["actions"])) == 5 and expected["states"].shape[1] > model.config.seq_len  # varied, past the window
     np.testing.assert_array_equal(saved["held_out_actions"], expected["actions"])
     np.testing.assert_array_equal(saved["held_out_states"], expected["states"])
     np.testing.assert_array_equal(saved["held_out_returns"], expected["returns"])
     results = json.loads((out / "results.json").read_text())
     np.testing.assert_allclose(results["methods"]["ad"]["return_by_episode"]["mean"], expected["returns"].mean(0))
     assert eval_ad.evaluate_in_context is ad_dt.evaluate_in_context and eval_ad.load_checkpoint is ad_dt.load_checkpoint  # one copy
+
+
+def test_eval_ad_context_flag_cuts_the_context_as_ad_dt_does(checkpoints, evaluated):
+    # --context N: the context drops to its recent half when full, which changes the actions once the run is past N
+    model, checkpoint = ad_dt.load_checkpoint(checkpoints["strong"])
+    tasks, seq_len = checkpoint["tasks"], model.config.seq_len
+    out = checkpoints["root"] / "out_cut"
+    run_eval(checkpoints["root"], "--checkpoint", checkpoints["strong"], "--episodes", EPISODES, "--seeds", SEEDS, "--context", seq_len,
+             "--loss-windows", 0, "--video-episodes", 0, "--out-dir", out)
+    saved = np.load(out / "trajectories.npz")
+    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1, context=seq_len)
+    np.testing.assert_array_equal(saved["held_out_actions"], expected["actions"])
+    whole_run = np.load(evaluated[0] / "trajectories.npz")["held_out_actions"]
+    np.testing.assert_array_equal(saved["held_out_actions"][:, :seq_len], whole_run[:, :seq_len])
+    assert not np.array_equal(saved["held_out_actions"], whole_run)
+    assert json.loads((out / "results.json").read_text())["args"]["context"] == seq_len
 
 
 # outputs
