@@ -1,17 +1,20 @@
 # README's headline figures: AD on Dyna-Q histories and Dyna-Q from scratch on the held-out goals of three train/test
-# splits (reproduce.sh with SPLIT_SEED unset, 1 and 2), per episode: the mean over the splits and the range.
+# splits (reproduce.sh with SPLIT_SEED unset, 1 and 2), per episode: the mean over the splits and the range; and the
+# same checkpoints evaluated with the context cut at the 256-transition window they trained on (eval_ad.py --context 256).
 # Docs: experiments/README.md ("Three splits")
 #   .venv/bin/python experiments/three_splits.py [--save experiments/three_splits.json]
-# It reads the rows experiments/curves.py saved for each split's results/ad_dynaq*/results.json.
+# It reads the rows experiments/curves.py saved (in whole_run_runs.json) for each split's results/ad_dynaq*/results.json
+# and results/ad_dynaq*_cut256/results.json.
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (summary file, the results.json its row came from): split seed 0 (the default), 1, 2
-RUNS = [("experiments/reproduce_runs.json", "results/ad_dynaq/results.json"),
-        ("experiments/dynaq_runs.json", "results/ad_dynaq_split1/results.json"),
-        ("experiments/dynaq_runs.json", "results/ad_dynaq_split2/results.json")]
+# the results.json of each split, seed 0 (the default), 1, 2, whose rows curves.py saved in SUMMARIES
+SUMMARIES = "experiments/whole_run_runs.json"
+RUNS = {"whole_run": ["results/ad_dynaq/results.json", "results/ad_dynaq_split1/results.json", "results/ad_dynaq_split2/results.json"],
+        "cut_256": ["results/ad_dynaq_cut256/results.json", "results/ad_dynaq_split1_cut256/results.json",
+                    "results/ad_dynaq_split2_cut256/results.json"]}
 EPISODES = (1, 2, 5, 10, 20, 50, 100)
 
 
@@ -38,18 +41,22 @@ def combine(rows):
 
 
 if __name__ == "__main__":
-    rows = []
-    for summaries, results in RUNS:
-        found = [r for r in json.loads((ROOT / summaries).read_text()) if r["file"] == results]
-        if not found:
-            raise SystemExit(f"error: no row of {results} in {summaries}: run experiments/curves.py {results} --save {summaries}")
-        rows.append(found[-1])
-    out = combine(rows)
-    print("| held-out goals | " + " | ".join(out["table"]["ad"]) + " |")
-    for who in ("ad", "source"):
-        cells = [f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for v in out["table"][who].values()]
-        print(f"| {who} | " + " | ".join(cells) + " |")
-    print(f"worst mean gap AD - source {out['worst_mean_gap']:+.3f}; {out['episodes_more_than_0.05_below']} episodes more than 0.05 below")
+    saved = json.loads((ROOT / SUMMARIES).read_text())
+    out = {}
+    for context, files in RUNS.items():
+        rows = []
+        for results in files:
+            found = [r for r in saved if r["file"] == results]
+            if not found:
+                raise SystemExit(f"error: no row of {results} in {SUMMARIES}: run experiments/curves.py {results} --save {SUMMARIES}")
+            rows.append(found[-1])
+        out[context] = combine(rows)
+        print(f"\n{context}:\n| held-out goals | " + " | ".join(out[context]["table"]["ad"]) + " |")
+        for who in ("ad", "source"):
+            cells = [f"{v['mean']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for v in out[context]["table"][who].values()]
+            print(f"| {who} | " + " | ".join(cells) + " |")
+        print(f"worst mean gap AD - source {out[context]['worst_mean_gap']:+.3f}; "
+              f"{out[context]['episodes_more_than_0.05_below']} episodes more than 0.05 below")
     if "--save" in sys.argv:
         path = Path(sys.argv[sys.argv.index("--save") + 1])
         path.write_text(json.dumps(out, indent=1))
