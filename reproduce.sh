@@ -57,8 +57,8 @@ collect collect_histories.py --histories-dir "histories_a2c$S" --num-envs 1 --ag
   --update-epochs 4 --learning-rate 3e-3 --ent-coef 0.05 --critic-init-std 0 --history-len 4000 --total-timesteps 4000
 stage "4/$N AD on the A2C histories (every 8th episode, half the windows from a stream's start) + evaluation"
 # half its training windows start mid-stream, so it is evaluated as it trained, with its context cut at 256 (its
-# recent half kept when full): 0.72 held-out over episodes 41-50, 0.68 with the whole run (Dyna-Q's AD, trained on
-# whole streams only, gains from the whole run instead: experiments/README.md, "Three splits")
+# recent half kept when full), not with the whole run that Dyna-Q's AD, trained on whole streams, gains from
+# (experiments/README.md, "Fast per-stream A2C")
 EVAL_FLAGS="--context 256" ad_and_eval "ad_a2c$S" "histories_a2c$S" --seq-len 256 --keep-every 8 --stream-start-frac 0.5 \
   --num-updates 3600 --eval-every 1800 --eval-context 256
 if [ "$WITH_EXPLORER" = 1 ]; then
