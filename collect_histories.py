@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Tuple
 
 import gymnasium as gym
+import matplotlib
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.optim as optim
 import tyro
+from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import trange
 
@@ -45,15 +47,8 @@ FORMAT_VERSION = 1
 MOVES = ((0, 0), (-1, 0), (0, 1), (1, 0), (0, -1))  # the actions: noop, up, right, down, left (row, col steps)
 NUM_ACTIONS = len(MOVES)
 # the arrays of a history file and their dtypes (see README.md#history-format)
-HISTORY_KEYS = {
-    "states": np.uint8,
-    "actions": np.uint8,
-    "rewards": np.uint8,
-    "next_states": np.uint8,
-    "terminated": np.bool_,
-    "truncated": np.bool_,
-    "timesteps": np.uint8,
-}
+HISTORY_KEYS = {"states": np.uint8, "actions": np.uint8, "rewards": np.uint8, "next_states": np.uint8,
+                "terminated": np.bool_, "truncated": np.bool_, "timesteps": np.uint8}
 
 
 @dataclass
@@ -361,14 +356,10 @@ def available_memory() -> int:
 
 
 def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
-    """Refuse, in one line, a collection whose arrays would not fit in the memory available now.
-
-    What the peak holds: the interpreter and libraries, the histories (one byte a value), the rollout with the
-    per-step temporaries, and the learners of one goal (`learner_bytes`, each source's estimate) for every goal.
-    """
+    """Refuse, in one line, a collection whose arrays would not fit in the memory available now: the interpreter and
+    libraries, the histories (a byte a value), the rollout and its temporaries, and each goal's learners (`learner_bytes`)."""
     N = num_goals * args.agents_per_goal * args.num_envs
-    histories = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N
-    rollout = args.num_steps * N * 128
+    histories, rollout = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N, args.num_steps * N * 128
     needed, available = 300 * 2**20 + histories + rollout + num_goals * learner_bytes, available_memory()
     if needed > available:
         raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_goals} task(s) "
@@ -475,26 +466,17 @@ def write_atomic(path: str, write) -> None:
 
 def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, goals, title: str, history_len: int) -> None:
     """One line per agent (success rate vs env steps per agent), their mean and the history cut, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = plt.cm.viridis(np.linspace(0, 1, len(goals)))
-    for i in range(len(goals)):
-        ax.plot(steps, success[:, i], color=colors[i], lw=0.7, alpha=0.6)
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for i, color in enumerate(matplotlib.colormaps["viridis"](np.linspace(0, 1, len(goals)))):
+        ax.plot(steps, success[:, i], color=color, lw=0.7, alpha=0.6)
     ax.plot(steps, success.mean(1), color="black", lw=2, label=f"mean over {len(goals)} agents")
     ax.axvline(history_len, color="red", ls="--", lw=1, label=f"histories end ({history_len:,} steps)")
-    ax.set_xlabel("env steps per agent")
-    ax.set_ylabel("success rate")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
+    ax.set(xlabel="env steps per agent", ylabel="success rate", ylim=(-0.02, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
 
 
 def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]], algo_keys: List[str]) -> dict:
@@ -534,61 +516,42 @@ def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], par
 
 
 def check_directory(args: CollectArgs, config: dict) -> None:
-    """Raise a one-line SystemExit unless `--histories-dir` may take histories made with `config`.
-
-    Its `tasks.json` must have been written with `config`, unless the directory holds no history (then nothing
-    would be mixed: a run that failed before its first history leaves nothing that blocks another config). Without
-    a `tasks.json`, every history there is checked against `config` (`check_history`), so that the one written
-    with the next history (or now, if none is missing) is true to them.
-    """
+    """Exit with one line unless `--histories-dir` may take histories made with `config`: its `tasks.json` must say
+    `config`, unless the directory holds no history yet (a run that failed before its first one blocks no other
+    config). Without a `tasks.json`, every history there is checked against `config` instead, so that the one written
+    with the next history (or now, if none is missing) is true to them."""
     path = os.path.join(args.histories_dir, "tasks.json")
     histories = sorted(history for part in ("train", "test")
                        for history in glob.glob(os.path.join(glob.escape(args.histories_dir), part, "goal_*.npz")))
-    fix = "delete it and rerun the same command (it is rebuilt from the histories), or use another --histories-dir"
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                existing = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {path} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
-        if not isinstance(existing, dict) or not set(config) <= set(existing):
-            raise SystemExit(f"error: {path} is not a tasks.json of this script (a JSON object with the keys "
-                             f"{', '.join(config)}); {fix}")
-        for key, value in config.items():
-            if existing[key] != value and histories:
-                there, now = ("another split", "this one") if key in ("train", "test") else (existing[key], value)
-                raise SystemExit(f"error: {args.histories_dir}/ was made with another config ({key}: {there} there, "
-                                 f"{now} now); use the same flags as before or another --histories-dir")
+    if not os.path.exists(path):
+        split = {part: {tuple(goal) for goal in config[part]} for part in ("train", "test")}
+        for history in histories:
+            part, match = os.path.basename(os.path.dirname(history)), re.fullmatch(r"goal_(\d+)_(\d+)\.npz", os.path.basename(history))
+            goal = (int(match[1]), int(match[2])) if match else None
+            fix = f"use the flags it was collected with (they were in the lost {path}), or delete it"
+            if goal not in split[part]:
+                raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another --histories-dir")
+            check_history(history, history_metadata(args, config, goal, part), fix)
         return
-    split = {part: {tuple(goal) for goal in config[part]} for part in ("train", "test")}
-    fix = f"use the flags it was collected with (they were in the lost {path}), or delete it"
-    for history in histories:
-        part, name = os.path.basename(os.path.dirname(history)), os.path.basename(history)
-        match = re.fullmatch(r"goal_(\d+)_(\d+)\.npz", name)
-        goal = (int(match[1]), int(match[2])) if match else None
-        if goal not in split[part]:
-            raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another "
-                             f"--histories-dir")
-        check_history(history, history_metadata(args, config, goal, part), fix)
+    fix = "delete it and rerun the same command (it is rebuilt from the histories), or use another --histories-dir"
+    try:
+        with open(path) as f:
+            existing = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
+    if not isinstance(existing, dict) or not set(config) <= set(existing):
+        raise SystemExit(f"error: {path} is not a tasks.json of this script (a JSON object with the keys {', '.join(config)}); {fix}")
+    for key, value in config.items():
+        if existing[key] != value and histories:
+            there, now = ("another split", "this one") if key in ("train", "test") else (existing[key], value)
+            raise SystemExit(f"error: {args.histories_dir}/ was made with another config ({key}: {there} there, {now} now); "
+                             f"use the same flags as before or another --histories-dir")
 
 
 def write_tasks_json(histories_dir: str, config: dict) -> None:
     """`tasks.json`: the directory's config, one key a line."""
     text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in config.items()) + "\n}\n"
     write_atomic(os.path.join(histories_dir, "tasks.json"), lambda f: f.write(text.encode()))
-
-
-def tasks_to_collect(args: CollectArgs, config: dict, tasks: List[Tuple[Tuple[int, int], str]]) -> List[Tuple[Tuple[int, int], str]]:
-    """The tasks whose history is missing (all of them with --overwrite); the histories already there must be
-    complete and made with this config (`check_history`)."""
-    todo = []
-    for goal, part in tasks:
-        path = history_path(args.histories_dir, goal, part)
-        if os.path.exists(path) and not args.overwrite:
-            check_history(path, history_metadata(args, config, goal, part))
-        else:
-            todo.append((goal, part))
-    return todo
 
 
 class HistoryRecorder:
@@ -602,21 +565,11 @@ class HistoryRecorder:
     def __init__(self, args: CollectArgs, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv):
         self.args, self.config, self.todo, self.envs = args, config, todo, envs
         T, N = args.num_steps, envs.num_envs
-        self.rollout = {
-            "states": np.zeros((T, N), dtype=np.int64),
-            "actions": np.zeros((T, N), dtype=np.int64),
-            "rewards": np.zeros((T, N), dtype=np.float32),
-            "next_states": np.zeros((T, N), dtype=np.int64),
-            "terminated": np.zeros((T, N), dtype=bool),
-            "truncated": np.zeros((T, N), dtype=bool),
-            "timesteps": np.zeros((T, N), dtype=np.int64),
-        }
+        dtypes = {"rewards": np.float32, "terminated": bool, "truncated": bool}  # the rest int64
+        self.rollout = {key: np.zeros((T, N), dtype=dtypes.get(key, np.int64)) for key in HISTORY_KEYS}
         self.history = {key: np.zeros((args.steps_per_stream, N), dtype=dtype) for key, dtype in HISTORY_KEYS.items()}
-        self.written = 0
-        self.reached = np.zeros(N, dtype=bool)
-        self.episodes = np.zeros(N, dtype=np.int64)
-        self.successes = np.zeros(N, dtype=np.int64)
-        self.curve_steps, self.curve_success = [], []
+        self.written, self.curve_steps, self.curve_success = 0, [], []
+        self.reached, self.episodes, self.successes = np.zeros(N, bool), np.zeros(N, np.int64), np.zeros(N, np.int64)
         self.global_step = 0  # env steps per agent
         self.start_time = time.time()
 
@@ -632,14 +585,11 @@ class HistoryRecorder:
         Returns the state each action led to (before any reset), the rewards, whether each episode terminated (at
         the goal) and whether it ended (terminated or truncated).
         """
-        self.rollout["states"][t] = self.envs.state
-        self.rollout["timesteps"][t] = self.envs.timestep
+        state, timestep = self.envs.state, self.envs.timestep
         _, reward, terminated, truncated, info = self.envs.step(action)
-        self.rollout["actions"][t] = action
-        self.rollout["rewards"][t] = reward
-        self.rollout["terminated"][t] = terminated
-        self.rollout["truncated"][t] = truncated & ~terminated
-        self.rollout["next_states"][t] = info["final_obs"]
+        for key, value in dict(states=state, timesteps=timestep, actions=action, rewards=reward, terminated=terminated,
+                               truncated=truncated & ~terminated, next_states=info["final_obs"]).items():
+            self.rollout[key][t] = value
 
         ended = terminated | truncated
         self.reached |= reward > 0
@@ -681,11 +631,9 @@ class HistoryRecorder:
         self.curve_steps.append(self.global_step)
         self.curve_success.append(success)
         sps = int(self.global_step * A * args.agents_per_goal / (time.time() - self.start_time))
-        writer.add_scalar("charts/success_rate_mean", success.mean(), self.global_step)
-        writer.add_scalar("charts/success_rate_min", success.min(), self.global_step)
-        writer.add_scalar("charts/success_rate_max", success.max(), self.global_step)
-        writer.add_scalar("charts/episodes", agent_episodes.mean(), self.global_step)
-        writer.add_scalar("charts/SPS", sps, self.global_step)
+        for tag, value in dict(success_rate_mean=success.mean(), success_rate_min=success.min(), success_rate_max=success.max(),
+                               episodes=agent_episodes.mean(), SPS=sps).items():
+            writer.add_scalar(f"charts/{tag}", value, self.global_step)
         progress.set_postfix(step=self.global_step, sps=sps, success=f"{success.mean():.2f}")
         return True
 
@@ -697,7 +645,12 @@ def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: i
     tasks = select_tasks(args.tasks, split, args.size)
     config = directory_config(args, split, algo_keys)
     check_directory(args, config)
-    todo = tasks_to_collect(args, config, tasks)
+    todo = []  # the tasks whose history is missing (all with --overwrite); those there must be complete and of this config
+    for goal, part in tasks:
+        if os.path.exists(history_path(args.histories_dir, goal, part)) and not args.overwrite:
+            check_history(history_path(args.histories_dir, goal, part), history_metadata(args, config, goal, part))
+        else:
+            todo.append((goal, part))
     if not todo:
         tasks_json = os.path.join(args.histories_dir, "tasks.json")
         lost = not os.path.exists(tasks_json)
@@ -728,10 +681,7 @@ def make_envs(args: CollectArgs, todo: List[Tuple[Tuple[int, int], str]]):
 
 def open_writer(args: CollectArgs, run_name: str) -> SummaryWriter:
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
     return writer
 
 
