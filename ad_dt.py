@@ -57,28 +57,23 @@ class Args:
     histories_dir: str = "histories"
     """directory written by `collect_histories_tabular.py` (the default: Dyna-Q) or `collect_histories.py` (A2C) (`tasks.json`, `train/goal_R_C.npz`)"""
     history_len: Optional[int] = None
-    """keep the first `history_len` transitions of each agent, over all its streams as the collectors count them (`history_len //
-    num_streams` per stream); None keeps all (the default: a Dyna-Q stream, 256 steps, is one window). The original design's A2C used 200000"""
+    """keep the first `history_len` transitions of each agent (`history_len // num_streams` per stream); None keeps all"""
     keep_every: int = 1
-    """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a history k times faster. Default 1: a Dyna-Q stream's whole
-    arc fits one window; the original design's A2C used 50 (about 1000 episodes per stream), the per-stream A2C of reproduce.sh 8"""
+    """keep every k-th episode of each stream (episodes 0, k, 2k, ...): a source k times faster (reproduce.sh's A2C: 8)"""
     stream_start_frac: float = 0.0
-    """fraction of training windows that start at the beginning of a stream (evaluation starts from an empty
-    context, which uniform sampling shows in about 1 window in (stream length - seq_len))"""
+    """fraction of training windows that start at a stream's start, with an empty context as in the in-context evaluation"""
 
     # Model
     layout: Literal["one", "three"] = "one"
-    """tokens per transition: "one" = emb(state) + emb(previous action) + emb(previous reward);
-    "three" = the original design's interleaved stream ... a_{t-1}, r_{t-1}, s_t ..., the action read from the state token"""
+    """tokens per transition: "one" = emb(s_t) + emb(a_{t-1}) + emb(r_{t-1}); "three" = the original design's a, r, s stream"""
     state_embedding: Literal["cell", "rowcol"] = "rowcol"
     """"cell" = one learnt vector per cell; "rowcol" = emb(row) + emb(column), which tells the model which cells are neighbours"""
     prev_next_state: bool = True
-    """every transition also shows where the previous action led (s'_{t-1}; off: `--no-prev-next-state`): in terminate mode the
-    goal cell is never a state, only where the rewarded action led, so this puts the goal itself in the context"""
+    """every transition also shows where the previous action led (s'_{t-1}): in terminate mode the goal cell is never a
+    state, only where the rewarded action led, so this puts the goal itself in the context"""
     prev_state: bool = True
-    """every transition also shows the state the previous action was taken in (s_{t-1}; off: `--no-prev-state`), so one token holds
-    the pair (s_{t-1}, a_{t-1}): "was action a tried in this cell?", the question a tabular learner such as Dyna-Q answers at every
-    step, is then one attention lookup instead of two"""
+    """every transition also shows the state the previous action was taken in (s_{t-1}): "was action a tried in this
+    cell?", the question a tabular learner such as Dyna-Q answers at every step, is then one attention lookup"""
     seq_len: int = 256
     """context length in transitions (tokens = seq_len x tokens per transition)"""
     embedding_dim: int = 64
@@ -92,8 +87,7 @@ class Args:
     attention_dropout: float = 0.0
     """dropout on attention weights (the original design used 0.5; any value > 0 makes SDPA leave its fused CPU kernel, which is slower)"""
     residual_dropout: float = 0.0
-    """dropout on the attention and MLP outputs (the original design used 0.1; 0 is faster on the CPU and did not
-    memorise goals: experiments/README.md, "Training budget")"""
+    """dropout on the attention and MLP outputs (the original design used 0.1; 0 is faster and did not memorise goals)"""
     embedding_dropout: float = 0.0
     """dropout on the token embeddings"""
 
@@ -125,8 +119,7 @@ class Args:
     eval_temperature: float = 1.0
     """sampling temperature of the evaluation's actions (1.0: the policy as trained)"""
     eval_context: Optional[int] = None
-    """the most transitions the evaluation's context holds; None (the default): the whole run, never cut. A number such
-    as the --seq-len drops a full context to its most recent half, as a model that has only seen seq_len-long windows"""
+    """the most transitions the evaluation's context holds (a full one drops to its recent half); None: the whole run"""
     eval_train_goals: bool = True
     """also evaluate on the training goals (one env each; `eval_train/` tags): held-out far below training = memorised goals"""
     diagnostic_windows: int = 64
