@@ -65,8 +65,7 @@ class CollectArgs:
     max_episode_steps: int = 20
     """time limit of an episode (truncation)"""
     random_start: bool = False
-    """if toggled, every episode starts in a uniformly random cell (toymeta's `random_start=True`; it can be the goal)
-    instead of the centre: more distinct tasks, (start, goal) pairs, for the data study. Off = the original design's fixed start"""
+    """if toggled, every episode starts in a uniformly random cell (toymeta's `random_start=True`), else at the centre"""
 
     # Tasks and histories
     split_seed: int = 0
@@ -96,7 +95,7 @@ class Args(CollectArgs):
     cuda: bool = False
     """if toggled, use CUDA when it is available"""
     num_threads: int = 1
-    """torch CPU threads: the tensors are small, so one thread is faster (and with another job on the cores, far faster) than two"""
+    """torch CPU threads (the tensors are small: one is fastest)"""
     histories_dir: str = "histories_a2c"
     """where `tasks.json` and the histories (`train/`, `test/`) are written"""
     history_len: int = 800_000
@@ -120,8 +119,7 @@ class Args(CollectArgs):
     adam_eps: float = 1e-6
     """epsilon of Adam and RMSprop"""
     critic_init_std: float = 1.0
-    """gain of the critic's orthogonal init (the original design's: 1). 0 starts every value at 0, so until a reward is found
-    the advantages are 0 and the policy is not pushed by the noise of a random critic"""
+    """gain of the critic's orthogonal init (the design's: 1); 0: no advantage, so no push, until a reward is found"""
     hidden_size: int = 128
     """size of the shared state embedding"""
     gamma: float = 0.9
@@ -160,25 +158,19 @@ def check_collect_args(args: CollectArgs) -> None:
     need(args, args.size >= 2, "size", "at least 2 (a goal besides the start cell)")
     if args.history_len < args.num_envs:
         raise SystemExit(f"error: --history-len {args.history_len} must be at least --num-envs {args.num_envs} (one step per stream)")
-    num_goals = args.size * args.size - 1
-    if not 1 <= args.num_train_tasks <= num_goals - 1:
-        raise SystemExit(f"error: --num-train-tasks must be in 1..{num_goals - 1} (there are {num_goals} goals), got {args.num_train_tasks}")
+    goals = args.size * args.size - 1
+    need(args, 1 <= args.num_train_tasks <= goals - 1, "num-train-tasks", f"in 1..{goals - 1} (there are {goals} goals)")
     for name in args.tasks:
         if name not in ("train", "test", "all") and parse_goal(name, args.size) is None:
-            raise SystemExit(
-                f"error: unknown task {name!r}: use train, test, all, or a goal row,col in the {args.size}x{args.size} grid "
-                f"other than the start {args.size // 2},{args.size // 2}"
-            )
+            raise SystemExit(f"error: unknown task {name!r}: use train, test, all, or a goal row,col in the {args.size}x{args.size} "
+                             f"grid other than the start {args.size // 2},{args.size // 2}")
     if not args.tasks:
         raise SystemExit("error: --tasks names no task")
 
 
 def check_args(args: Args) -> None:
-    """Reject every bad flag with a one-line message naming it, before anything is read or written.
-
-    (What depends on the histories already there is checked once they are read: the directory's config in
-    `check_directory`, the memory for the histories still missing in `check_memory`.)
-    """
+    """Reject every bad flag with a one-line message naming it, before anything is read or written (what depends on
+    the histories there is checked by `prepare_collection`)."""
     for name in ["agents_per_goal", "num_steps", "update_epochs", "total_timesteps", "hidden_size", "num_threads"]:
         need(args, getattr(args, name) >= 1, name.replace("_", "-"), "positive")
     check_collect_args(args)
@@ -237,10 +229,8 @@ def layer_init(layer: nn.Linear, std: float) -> nn.Linear:
 
 
 def init_agent_params(seed: int, num_states: int, num_actions: int, hidden_size: int, critic_std: float = 1.0):
-    """One agent's weights, drawn exactly as a2c_darkroom.py's `Agent` draws them after `torch.manual_seed(seed)`.
-
-    Returns the embedding transposed (H, S), actor weight (K, H) and bias (K,), critic weight (1, H) and bias (1,).
-    """
+    """One agent's weights as a2c_darkroom.py's `Agent` draws them after `torch.manual_seed(seed)`: the embedding
+    transposed (H, S), actor weight (K, H) and bias (K,), critic weight (1, H) and bias (1,)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         embedding = nn.Embedding(num_states, hidden_size)
@@ -251,19 +241,15 @@ def init_agent_params(seed: int, num_states: int, num_actions: int, hidden_size:
 
 
 class BatchedAgent(nn.Module):
-    """Many independent copies of a2c_darkroom.py's `Agent`, their parameters stacked on a leading agent axis.
-
-    The policy and the value depend on the state only, so `tables()` evaluates every state of every agent in
-    one matmul. The embedding is stored transposed, (A, H, S): column s embeds state s; in this layout the
-    forward and backward matmuls run about twice as fast on a CPU as with (A, S, H).
-    """
+    """Many independent copies of a2c_darkroom.py's `Agent`, their parameters stacked on a leading agent axis. The policy
+    and value depend on the state only, so `tables()` evaluates every state of every agent in one matmul."""
 
     def __init__(self, seeds: List[int], num_states: int, num_actions: int = NUM_ACTIONS, hidden_size: int = 128,
                  critic_std: float = 1.0):
         super().__init__()
         params = [init_agent_params(seed, num_states, num_actions, hidden_size, critic_std) for seed in seeds]
         stack = lambda i: nn.Parameter(torch.stack([p[i] for p in params]).contiguous())
-        self.embedding = stack(0)  # (A, H, S)
+        self.embedding = stack(0)  # (A, H, S), transposed: the faster layout for the matmuls
         self.actor_weight, self.actor_bias = stack(1), stack(2)  # (A, K, H), (A, K)
         self.critic_weight, self.critic_bias = stack(3), stack(4)  # (A, 1, H), (A, 1)
 
@@ -297,25 +283,18 @@ def batched_a2c_loss(logits, values, obs, actions, returns, ent_coef: float, vf_
     logits (A, K, S), values (A, S); obs, actions, returns (A, N): each agent's rollout, flattened.
     Returns per-agent losses (A,): summed over agents, each agent's gradient stays its own.
     """
-    num_states = logits.shape[-1]
     logp_table = torch.log_softmax(logits, dim=1)  # (A, K, S)
-    entropy_table = -(logp_table.exp() * logp_table).sum(1)  # (A, S)
-    logprob = logp_table.flatten(1).gather(1, actions * num_states + obs)  # (A, N)
-    entropy = entropy_table.gather(1, obs)  # (A, N)
+    logprob = logp_table.flatten(1).gather(1, actions * logits.shape[-1] + obs)  # (A, N)
+    entropy_loss = (-(logp_table.exp() * logp_table).sum(1)).gather(1, obs).mean(1)
     value = values.gather(1, obs)  # (A, N)
-    advantages = (returns - value).detach()
-    pg_loss = -(logprob * advantages).mean(1)
+    pg_loss = -(logprob * (returns - value).detach()).mean(1)
     v_loss = 0.5 * ((returns - value) ** 2).mean(1)
-    entropy_loss = entropy.mean(1)
-    loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
-    return loss, pg_loss, v_loss, entropy_loss
+    return pg_loss - ent_coef * entropy_loss + vf_coef * v_loss, pg_loss, v_loss, entropy_loss
 
 
 def clip_grad_norm_per_agent_(parameters: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`nn.utils.clip_grad_norm_` applied to each agent's own parameters (leading axis = agent); returns the norms."""
-    norms = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in parameters], dim=1), dim=1
-    )  # (A,)
+    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in parameters], 1), dim=1)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for p in parameters:
         p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
@@ -334,12 +313,11 @@ def a2c_update(agent: BatchedAgent, optimizer: optim.Optimizer, logits, values, 
 
 
 def make_optimizer(args: Args, parameters) -> optim.Optimizer:
-    """--optimizer over the stacked agents. Each is elementwise, so each agent's step is its own."""
+    """--optimizer over the stacked agents. Each is elementwise, so each agent's step is its own (fused: the same Adam, faster)."""
     if args.optimizer == "sgd":
         return optim.SGD(parameters, lr=args.learning_rate)
     if args.optimizer == "rmsprop":
         return optim.RMSprop(parameters, lr=args.learning_rate, eps=args.adam_eps)
-    # the fused kernel does the same elementwise Adam step in one pass, much faster than the default on a CPU
     return optim.Adam(parameters, lr=args.learning_rate, eps=args.adam_eps, fused=True)
 
 
@@ -356,11 +334,11 @@ def available_memory() -> int:
 
 
 def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
-    """Refuse, in one line, a collection whose arrays would not fit in the memory available now: the interpreter and
-    libraries, the histories (a byte a value), the rollout and its temporaries, and each goal's learners (`learner_bytes`)."""
-    N = num_goals * args.agents_per_goal * args.num_envs
-    histories, rollout = len(HISTORY_KEYS) * (args.history_len // args.num_envs) * N, args.num_steps * N * 128
-    needed, available = 300 * 2**20 + histories + rollout + num_goals * learner_bytes, available_memory()
+    """Refuse, in one line, a collection that would not fit in the memory available now: the interpreter and libraries,
+    the histories (a byte a value), the rollout and its temporaries, and each goal's learners (`learner_bytes`)."""
+    streams = num_goals * args.agents_per_goal * args.num_envs
+    per_stream = len(HISTORY_KEYS) * (args.history_len // args.num_envs) + args.num_steps * 128
+    needed, available = 300 * 2**20 + streams * per_stream + num_goals * learner_bytes, available_memory()
     if needed > available:
         raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_goals} task(s) "
                          f"to collect needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB more "
@@ -381,13 +359,9 @@ def check_writable(directory: str, fix: str) -> None:
 
 def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, List[Tuple[int, int]]]:
     """All goals (every cell but the start, the centre), split at random by `split_seed`; each part sorted."""
-    centre = size // 2
-    goals = [(row, col) for row in range(size) for col in range(size) if (row, col) != (centre, centre)]
+    goals = [(row, col) for row in range(size) for col in range(size) if (row, col) != (size // 2, size // 2)]
     order = np.random.default_rng(split_seed).permutation(len(goals))
-    return {
-        "train": sorted(goals[i] for i in order[:num_train_tasks]),
-        "test": sorted(goals[i] for i in order[num_train_tasks:]),
-    }
+    return {"train": sorted(goals[i] for i in order[:num_train_tasks]), "test": sorted(goals[i] for i in order[num_train_tasks:])}
 
 
 def parse_goal(name: str, size: int) -> Optional[Tuple[int, int]]:
@@ -396,22 +370,14 @@ def parse_goal(name: str, size: int) -> Optional[Tuple[int, int]]:
         goal = tuple(int(x) for x in name.split(","))
     except ValueError:
         return None
-    if len(goal) != 2 or not all(0 <= x < size for x in goal) or goal == (size // 2, size // 2):
-        return None
-    return goal
+    return goal if len(goal) == 2 and all(0 <= x < size for x in goal) and goal != (size // 2, size // 2) else None
 
 
 def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]], size: int) -> List[Tuple[Tuple[int, int], str]]:
     """(goal, "train"|"test") of every task named by --tasks (names checked by `check_args`), in grid order, without duplicates."""
     which = {goal: part for part in ("train", "test") for goal in split[part]}
-    chosen = set()
-    for name in names:
-        if name in ("train", "test"):
-            chosen.update(split[name])
-        elif name == "all":
-            chosen.update(which)
-        else:
-            chosen.add(parse_goal(name, size))
+    named = {"train": split["train"], "test": split["test"], "all": list(which)}
+    chosen = {goal for name in names for goal in (named[name] if name in named else [parse_goal(name, size)])}
     return [(goal, which[goal]) for goal in sorted(chosen)]
 
 
@@ -438,12 +404,10 @@ def check_history(path: str, expected_meta: dict, fix: str = "delete it or rerun
         raise SystemExit(f"error: {path} is corrupt or incomplete ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
     if not isinstance(meta, dict):
         raise SystemExit(f"error: {path} is corrupt: its metadata is not a JSON object; {fix}")
-    # the config first: a history of another config has other shapes too, and is not corrupt
-    ignored = ("versions", "total_timesteps")
-    for key in expected_meta:
-        if key not in ignored and meta.get(key) != expected_meta[key]:
-            raise SystemExit(f"error: {path} was made with another config ({key}: {meta.get(key)} != "
-                             f"{expected_meta[key]}); {fix}, or use another --histories-dir")
+    for key, value in expected_meta.items():  # the config first: a history of another config has other shapes, and is not corrupt
+        if key not in ("versions", "total_timesteps") and meta.get(key) != value:
+            raise SystemExit(f"error: {path} was made with another config ({key}: {meta.get(key)} != {value}); {fix}, "
+                             f"or use another --histories-dir")
     shape = (expected_meta["num_streams"], expected_meta["steps_per_stream"])
     for key, dtype in HISTORY_KEYS.items():
         if arrays[key].dtype != dtype or arrays[key].shape != shape:
@@ -464,13 +428,13 @@ def write_atomic(path: str, write) -> None:
         raise
 
 
-def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, goals, title: str, history_len: int) -> None:
+def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, title: str, history_len: int) -> None:
     """One line per agent (success rate vs env steps per agent), their mean and the history cut, written atomically."""
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
-    for i, color in enumerate(matplotlib.colormaps["viridis"](np.linspace(0, 1, len(goals)))):
-        ax.plot(steps, success[:, i], color=color, lw=0.7, alpha=0.6)
-    ax.plot(steps, success.mean(1), color="black", lw=2, label=f"mean over {len(goals)} agents")
+    ax.set_prop_cycle(color=matplotlib.colormaps["viridis"](np.linspace(0, 1, success.shape[1])))
+    ax.plot(steps, success, lw=0.7, alpha=0.6)
+    ax.plot(steps, success.mean(1), color="black", lw=2, label=f"mean over {success.shape[1]} agents")
     ax.axvline(history_len, color="red", ls="--", lw=1, label=f"histories end ({history_len:,} steps)")
     ax.set(xlabel="env steps per agent", ylabel="success rate", ylim=(-0.02, 1.02), title=title)
     ax.grid(alpha=0.3)
@@ -498,40 +462,27 @@ def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]],
 
 def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], part: str) -> dict:
     """The metadata stored in the history of `goal`: the directory's config, the goal, the shape, the versions."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "goal": list(goal),
-        "split": part,
-        "source": args.source,
-        "env": config["env"],
-        "algo": config["algo"],
-        "seed": args.seed,
-        "split_seed": args.split_seed,
-        "num_streams": args.agents_per_goal * args.num_envs,
-        "steps_per_stream": args.steps_per_stream,
-        "total_timesteps": args.total_timesteps,
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                     "gymnasium": gym.__version__, "toymeta": importlib.metadata.version("toymeta")},
-    }
+    return {"format_version": FORMAT_VERSION, "goal": list(goal), "split": part,
+            **{key: config[key] for key in ("source", "env", "algo", "seed", "split_seed")},
+            "num_streams": args.agents_per_goal * args.num_envs, "steps_per_stream": args.steps_per_stream,
+            "total_timesteps": args.total_timesteps,
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+                         "gymnasium": gym.__version__, "toymeta": importlib.metadata.version("toymeta")}}
 
 
 def check_directory(args: CollectArgs, config: dict) -> None:
-    """Exit with one line unless `--histories-dir` may take histories made with `config`: its `tasks.json` must say
-    `config`, unless the directory holds no history yet (a run that failed before its first one blocks no other
-    config). Without a `tasks.json`, every history there is checked against `config` instead, so that the one written
-    with the next history (or now, if none is missing) is true to them."""
+    """Exit with one line unless `--histories-dir` may take histories of `config`: its `tasks.json` says `config` or it
+    holds no history yet; without a `tasks.json` (lost), every history there must be of `config`, so the one rebuilt is true."""
     path = os.path.join(args.histories_dir, "tasks.json")
-    histories = sorted(history for part in ("train", "test")
-                       for history in glob.glob(os.path.join(glob.escape(args.histories_dir), part, "goal_*.npz")))
+    histories = sorted(glob.glob(os.path.join(glob.escape(args.histories_dir), "train", "goal_*.npz"))
+                       + glob.glob(os.path.join(glob.escape(args.histories_dir), "test", "goal_*.npz")))
     if not os.path.exists(path):
-        split = {part: {tuple(goal) for goal in config[part]} for part in ("train", "test")}
+        fix = f"use the flags it was collected with (they were in the lost {path}), or delete it"
         for history in histories:
             part, match = os.path.basename(os.path.dirname(history)), re.fullmatch(r"goal_(\d+)_(\d+)\.npz", os.path.basename(history))
-            goal = (int(match[1]), int(match[2])) if match else None
-            fix = f"use the flags it was collected with (they were in the lost {path}), or delete it"
-            if goal not in split[part]:
+            if not match or [int(match[1]), int(match[2])] not in config[part]:
                 raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another --histories-dir")
-            check_history(history, history_metadata(args, config, goal, part), fix)
+            check_history(history, history_metadata(args, config, (int(match[1]), int(match[2])), part), fix)
         return
     fix = "delete it and rerun the same command (it is rebuilt from the histories), or use another --histories-dir"
     try:
@@ -555,12 +506,8 @@ def write_tasks_json(histories_dir: str, config: dict) -> None:
 
 
 class HistoryRecorder:
-    """What the A2C loop (in main) and the per-stream loop share: the rollout storage, the histories, the success counts.
-
-    The rollout is time-major (step, env), its arrays named as the history's. The histories are the first
-    `steps_per_stream` steps of every env stream, kept time-major too and written per agent as (stream, step)
-    once complete. Success = the episode got some reward; counted per env between two logs.
-    """
+    """What the A2C loop (in main) and the per-stream loop share: the rollout storage (step, env), the histories (the
+    first `steps_per_stream` steps of every stream, written per goal as (stream, step)), the success counts between logs."""
 
     def __init__(self, args: CollectArgs, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv):
         self.args, self.config, self.todo, self.envs = args, config, todo, envs
@@ -580,17 +527,13 @@ class HistoryRecorder:
                 f"TensorBoard logs in {log_dir}/")
 
     def step(self, t: int, action: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Step every env and store the transition at step `t` of the rollout.
-
-        Returns the state each action led to (before any reset), the rewards, whether each episode terminated (at
-        the goal) and whether it ended (terminated or truncated).
-        """
+        """Step every env and store the transition at step `t` of the rollout. Returns the state each action led to
+        (before any reset), the rewards, whether each episode terminated (at the goal) and whether it ended."""
         state, timestep = self.envs.state, self.envs.timestep
         _, reward, terminated, truncated, info = self.envs.step(action)
         for key, value in dict(states=state, timesteps=timestep, actions=action, rewards=reward, terminated=terminated,
                                truncated=truncated & ~terminated, next_states=info["final_obs"]).items():
             self.rollout[key][t] = value
-
         ended = terminated | truncated
         self.reached |= reward > 0
         self.episodes += ended
@@ -599,43 +542,48 @@ class HistoryRecorder:
         return info["final_obs"], reward, terminated, ended
 
     def end_rollout(self, update: int, writer: SummaryWriter, progress) -> bool:
-        """Keep the rollout's part of the histories and write them once complete; log the charts every --log-every
+        """Keep the rollout's part of the histories, write them once complete, and log the charts every --log-every
         updates and after the last one. Returns whether the charts were logged (so the caller can add its own)."""
-        global KEPT  # what on_interrupt reports: it changes with every history written
-        args, E = self.args, self.args.num_envs
-        G = args.agents_per_goal * E  # streams per goal: the envs of its agents, side by side
-        if self.global_step // E < args.steps_per_stream:
-            t0 = self.global_step // E
-            n = min(args.num_steps, args.steps_per_stream - t0)
+        t0, E = self.global_step // self.args.num_envs, self.args.num_envs
+        if self.history is not None:
+            n = min(self.args.num_steps, self.args.steps_per_stream - t0)
             for key in HISTORY_KEYS:
                 self.history[key][t0:t0 + n] = self.rollout[key][:n]
-        self.global_step += E * args.num_steps
-
-        if self.global_step // E >= args.steps_per_stream and self.written == 0:
-            write_tasks_json(args.histories_dir, self.config)  # with the first history, so a failed run leaves none
-            for i, (goal, part) in enumerate(self.todo):
-                arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
-                arrays["metadata"] = np.array(json.dumps(history_metadata(args, self.config, goal, part)))
-                write_atomic(history_path(args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
-                self.written += 1
-                KEPT = self.kept(writer.log_dir)
-            self.history = None
-            progress.write(f"{self.written} histories written to {args.histories_dir}/ at {self.global_step} env steps per agent")
-
-        if update % args.log_every != 0 and update != args.num_updates:
+        self.global_step += E * self.args.num_steps
+        if self.history is not None and self.global_step // E >= self.args.steps_per_stream:
+            self.write_histories(writer.log_dir)
+            progress.write(f"{self.written} histories written to {self.args.histories_dir}/ at {self.global_step} env steps per agent")
+        if update % self.args.log_every != 0 and update != self.args.num_updates:
             return False
+        self.log_charts(writer, progress)
+        return True
+
+    def write_histories(self, log_dir: str) -> None:
+        """tasks.json, then each goal's streams as one history file (with the first, so a failed run leaves none)."""
+        global KEPT  # what on_interrupt reports: it changes with every history written
+        write_tasks_json(self.args.histories_dir, self.config)
+        G = self.args.agents_per_goal * self.args.num_envs  # streams per goal: the envs of its agents, side by side
+        for i, (goal, part) in enumerate(self.todo):
+            arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
+            arrays["metadata"] = np.array(json.dumps(history_metadata(self.args, self.config, goal, part)))
+            write_atomic(history_path(self.args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
+            self.written += 1
+            KEPT = self.kept(log_dir)
+        self.history = None
+
+    def log_charts(self, writer: SummaryWriter, progress) -> None:
+        """The success rate per goal since the last log (over its agents), on TensorBoard and the progress bar."""
         A = len(self.todo)
-        agent_episodes = self.episodes.reshape(A, G).sum(1)  # per goal (over its agents)
-        success = self.successes.reshape(A, G).sum(1) / np.maximum(agent_episodes, 1)
+        episodes = self.episodes.reshape(A, -1).sum(1)
+        success = self.successes.reshape(A, -1).sum(1) / np.maximum(episodes, 1)
         self.episodes[:], self.successes[:] = 0, 0
         self.curve_steps.append(self.global_step)
         self.curve_success.append(success)
-        sps = int(self.global_step * A * args.agents_per_goal / (time.time() - self.start_time))
+        sps = int(self.global_step * A * self.args.agents_per_goal / (time.time() - self.start_time))
         for tag, value in dict(success_rate_mean=success.mean(), success_rate_min=success.min(), success_rate_max=success.max(),
-                               episodes=agent_episodes.mean(), SPS=sps).items():
+                               episodes=episodes.mean(), SPS=sps).items():
             writer.add_scalar(f"charts/{tag}", value, self.global_step)
         progress.set_postfix(step=self.global_step, sps=sps, success=f"{success.mean():.2f}")
-        return True
 
 
 def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: int, run_name: str):
@@ -671,11 +619,10 @@ def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: i
 def make_envs(args: CollectArgs, todo: List[Tuple[Tuple[int, int], str]]):
     """The envs of every task to collect, goal i's agents i * agents_per_goal ..., agent a's envs a * num_envs ...,
     and each agent's seeds (`agent_seeds`)."""
-    K, E = args.agents_per_goal, args.num_envs
     goals = [goal for goal, _ in todo]
-    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size, k) for goal in goals for k in range(K)])
-    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), K * E, axis=0), args.size, args.terminate_on_goal,
-                             args.max_episode_steps, start_rngs if args.random_start else None)
+    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size, k) for goal in goals for k in range(args.agents_per_goal)])
+    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), args.agents_per_goal * args.num_envs, axis=0), args.size,
+                             args.terminate_on_goal, args.max_episode_steps, start_rngs if args.random_start else None)
     return envs, list(seeds), list(rngs)
 
 
@@ -687,24 +634,20 @@ def open_writer(args: CollectArgs, run_name: str) -> SummaryWriter:
 
 def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     """Write the learning curves of this run's agents next to the histories (json, png) and print a summary."""
-    elapsed = time.time() - recorder.start_time
-    goals, global_step = [goal for goal, _ in recorder.todo], recorder.global_step
+    elapsed, global_step, goals = time.time() - recorder.start_time, recorder.global_step, [goal for goal, _ in recorder.todo]
     name = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in ("train", "test", "all") else "custom"
     steps, success = np.array(recorder.curve_steps), np.stack(recorder.curve_success)  # (points,), (points, A)
-    curves = {"env_steps_per_agent": steps.tolist(), "goals": [list(g) for g in goals],
-              "success_rate": success.round(4).tolist()}
-    curves_path = os.path.join(args.histories_dir, f"learning_curves_{name}")
-    write_atomic(curves_path + ".json", lambda f: f.write(json.dumps(curves).encode()))
-    plot_learning_curves(curves_path + ".png", steps, success, goals,
-                         f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} goals x {args.agents_per_goal} agent(s) ({name} tasks)",
-                         args.steps_per_stream * args.num_envs)
-    mean = success.mean(1)
+    path = os.path.join(args.histories_dir, f"learning_curves_{name}")
+    curves = {"env_steps_per_agent": steps.tolist(), "goals": [list(g) for g in goals], "success_rate": success.round(4).tolist()}
+    write_atomic(path + ".json", lambda f: f.write(json.dumps(curves).encode()))
+    plot_learning_curves(path + ".png", steps, success, f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} goals x "
+                         f"{args.agents_per_goal} agent(s) ({name} tasks)", args.steps_per_stream * args.num_envs)
+    mean, num_agents = success.mean(1), len(goals) * args.agents_per_goal
     above = np.flatnonzero(mean >= 0.9)
-    num_agents = len(goals) * args.agents_per_goal
     print(f"{num_agents} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * num_agents / elapsed)} "
           f"env steps/s); final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 from "
           f"{steps[above[0]] if len(above) else 'never'} env steps per agent")
-    print(f"histories in {args.histories_dir}/, learning curves in {curves_path}.png, TensorBoard in runs/{run_name}/")
+    print(f"histories in {args.histories_dir}/, learning curves in {path}.png, TensorBoard in runs/{run_name}/")
 
 
 if __name__ == "__main__":
@@ -721,26 +664,21 @@ if __name__ == "__main__":
     torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # the tasks still to collect, and the config every history of this directory shares
-    S = args.size * args.size
-    params_per_agent = args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1  # the weights, their gradients, Adam's moments
-    config, todo = prepare_collection(args, ALGO_KEYS, args.agents_per_goal * params_per_agent * 4 * 4, run_name)
+    # the tasks still to collect; the memory of each goal's agents: weights, gradients, Adam's two moments (float32)
+    S, K, E, T = args.size * args.size, args.agents_per_goal, args.num_envs, args.num_steps
+    params_per_agent = args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1
+    config, todo = prepare_collection(args, ALGO_KEYS, K * params_per_agent * 4 * 4, run_name)
     writer = open_writer(args, run_name)
 
-    # env setup: goal i's agents are i * agents_per_goal ..., agent a's envs a * num_envs ... (a + 1) * num_envs - 1
+    # env setup: goal i's agents are i * K ..., agent a's envs a * E ... (a + 1) * E - 1; the rollout runs in numpy
     envs, seeds, rngs = make_envs(args, todo)
-    goals = [goal for goal, _ in todo]
-    K, E, T = args.agents_per_goal, args.num_envs, args.num_steps
     A = len(todo) * K
-    num_states = args.size * args.size
-    # ALGO Logic: storage setup (numpy: the rollout runs in numpy from the policy table), histories, success counts
     recorder = HistoryRecorder(args, config, todo, envs)
     KEPT = recorder.kept(writer.log_dir)
-    agent = BatchedAgent(seeds, num_states, NUM_ACTIONS, args.hidden_size, args.critic_init_std).to(device)
+    agent = BatchedAgent(seeds, S, NUM_ACTIONS, args.hidden_size, args.critic_init_std).to(device)
     optimizer = make_optimizer(args, agent.parameters())
-
     rollout = recorder.rollout
-    table_row = np.repeat(np.arange(A) * num_states, E)  # row of each env's agent's state 0 in a flattened (A * S) table
+    table_row = np.repeat(np.arange(A) * S, E)  # row of each env's agent's state 0 in a flattened (A * S) table
 
     def per_agent(x: torch.Tensor) -> torch.Tensor:
         """(T, A * E) -> (A, T * E): each agent's rollout, flattened in a2c_darkroom.py's order."""
@@ -748,48 +686,39 @@ if __name__ == "__main__":
 
     envs.reset(seed=args.seed)
     with contextlib.closing(writer):  # closed on Ctrl-C too: the logs so far are kept
-        progress = trange(1, args.num_updates + 1, desc=f"a2c x{A}", unit="update", mininterval=1.0)
-        for update in progress:
-            # the whole policy and value tables, once per rollout: parameters do not change during a rollout,
-            # so sampling every action from them is exact; the graph is kept for the loss
+        for update in (progress := trange(1, args.num_updates + 1, desc=f"a2c x{A}", unit="update", mininterval=1.0)):
+            # the policy and value tables, once per rollout: the parameters do not change during it, so sampling every
+            # action from them is exact; the graph is kept for the loss
             logits, values = agent.tables()
             with torch.no_grad():
                 cdf = torch.softmax(logits.double(), dim=1).cumsum(1)[:, :-1]  # (A, K - 1, S)
-                cdf = cdf.transpose(1, 2).reshape(A * num_states, -1).cpu().numpy()  # row a * S + s
+                cdf = cdf.transpose(1, 2).reshape(A * S, -1).cpu().numpy()  # row a * S + s
                 value_table = values.reshape(-1).cpu().numpy()
             if not (np.isfinite(cdf).all() and np.isfinite(value_table).all()):  # diverged: no history is written
                 raise SystemExit(f"error: the A2C agents diverged at update {update} (non-finite logits or values): "
                                  f"lower --learning-rate {args.learning_rate} (or check --critic-init-std and --adam-eps)")
-            # one uniform per action, from each agent's own generator
-            uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, A * E)
+            uniforms = np.stack([rng.random((T, E)) for rng in rngs], axis=1).reshape(T, A * E)  # from each agent's generator
+            for step in range(T):  # inverse-CDF sampling from each env's row of its agent's table
+                recorder.step(step, (cdf[table_row + envs.state] <= uniforms[step, :, None]).sum(1))
 
-            for step in range(T):
-                # inverse-CDF sampling from each env's row of its agent's table
-                action = (cdf[table_row + envs.state] <= uniforms[step, :, None]).sum(1)
-                recorder.step(step, action)
-
-            # ALGO LOGIC: n-step returns, bootstrapped from the critic's table, and the A2C step; every epoch
-            # after the first reads the tables of the network it updated, on the same rollout
+            # ALGO LOGIC: n-step returns bootstrapped from the critic's table, and the A2C step; each epoch after the
+            # first reads the tables of the network it updated, on the same rollout
             for epoch in range(args.update_epochs):
                 if epoch > 0:
                     logits, values = agent.tables()
                     value_table = values.detach().reshape(-1).cpu().numpy()
                 next_values = torch.from_numpy(value_table[table_row + rollout["next_states"]])
-                returns = nstep_returns(torch.from_numpy(rollout["rewards"]), torch.from_numpy(rollout["terminated"]),
-                                        torch.from_numpy(rollout["truncated"]), next_values, args.gamma)
-                pg_loss, v_loss, entropy_loss, grad_norm = a2c_update(
-                    agent, optimizer, logits, values, per_agent(torch.from_numpy(rollout["states"])),
-                    per_agent(torch.from_numpy(rollout["actions"])), per_agent(returns), args.ent_coef, args.vf_coef,
-                    args.max_grad_norm,
-                )
-
+                returns = nstep_returns(*(torch.from_numpy(rollout[key]) for key in ("rewards", "terminated", "truncated")),
+                                        next_values, args.gamma)
+                losses = a2c_update(agent, optimizer, logits, values, per_agent(torch.from_numpy(rollout["states"])),
+                                    per_agent(torch.from_numpy(rollout["actions"])), per_agent(returns), args.ent_coef,
+                                    args.vf_coef, args.max_grad_norm)
             if recorder.end_rollout(update, writer, progress):
-                writer.add_scalar("losses/policy_loss", pg_loss.mean().item(), recorder.global_step)
-                writer.add_scalar("losses/value_loss", v_loss.mean().item(), recorder.global_step)
-                writer.add_scalar("losses/entropy", entropy_loss.mean().item(), recorder.global_step)
-                writer.add_scalar("losses/grad_norm", grad_norm.mean().item(), recorder.global_step)
+                for tag, value in zip(["policy_loss", "value_loss", "entropy", "grad_norm"], losses):
+                    writer.add_scalar(f"losses/{tag}", value.mean().item(), recorder.global_step)
 
     agents_path = f"runs/{run_name}/agents.pt"
-    write_atomic(agents_path, lambda f: torch.save({"agent": agent.state_dict(), "goals": [g for g in goals for _ in range(K)], "args": vars(args)}, f))
+    goals = [goal for goal, _ in todo for _ in range(K)]
+    write_atomic(agents_path, lambda f: torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f))
     KEPT = f"{recorder.kept(writer.log_dir)}, the trained agents in {agents_path} (no learning curves)"
     report(args, recorder, run_name)
