@@ -228,18 +228,6 @@ def layer_init(layer: nn.Linear, std: float) -> nn.Linear:
     return layer
 
 
-def init_agent_params(seed: int, num_states: int, num_actions: int, hidden_size: int, critic_std: float = 1.0):
-    """One agent's weights as a2c_darkroom.py's `Agent` draws them after `torch.manual_seed(seed)`: the embedding
-    transposed (H, S), actor weight (K, H) and bias (K,), critic weight (1, H) and bias (1,)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        embedding = nn.Embedding(num_states, hidden_size)
-        # small actor init: the first policy is near uniform, so the first histories explore
-        actor = layer_init(nn.Linear(hidden_size, num_actions), std=0.01)
-        critic = layer_init(nn.Linear(hidden_size, 1), std=critic_std)
-    return embedding.weight.data.T, actor.weight.data, actor.bias.data, critic.weight.data, critic.bias.data
-
-
 class BatchedAgent(nn.Module):
     """Many independent copies of a2c_darkroom.py's `Agent`, their parameters stacked on a leading agent axis. The policy
     and value depend on the state only, so `tables()` evaluates every state of every agent in one matmul."""
@@ -247,7 +235,14 @@ class BatchedAgent(nn.Module):
     def __init__(self, seeds: List[int], num_states: int, num_actions: int = NUM_ACTIONS, hidden_size: int = 128,
                  critic_std: float = 1.0):
         super().__init__()
-        params = [init_agent_params(seed, num_states, num_actions, hidden_size, critic_std) for seed in seeds]
+        params = []
+        for seed in seeds:  # each agent's weights as a2c_darkroom.py's `Agent` draws them after torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                embedding = nn.Embedding(num_states, hidden_size)
+                actor = layer_init(nn.Linear(hidden_size, num_actions), std=0.01)  # small: the first policies explore
+                critic = layer_init(nn.Linear(hidden_size, 1), std=critic_std)
+            params.append([embedding.weight.data.T, actor.weight.data, actor.bias.data, critic.weight.data, critic.bias.data])
         stack = lambda i: nn.Parameter(torch.stack([p[i] for p in params]).contiguous())
         self.embedding = stack(0)  # (A, H, S), transposed: the faster layout for the matmuls
         self.actor_weight, self.actor_bias = stack(1), stack(2)  # (A, K, H), (A, K)
@@ -277,21 +272,6 @@ def nstep_returns(rewards, terminated, truncated, next_values, gamma: float):
     return returns
 
 
-def batched_a2c_loss(logits, values, obs, actions, returns, ent_coef: float, vf_coef: float):
-    """a2c_darkroom.py's `a2c_loss` for every agent at once, read from the agents' tables.
-
-    logits (A, K, S), values (A, S); obs, actions, returns (A, N): each agent's rollout, flattened.
-    Returns per-agent losses (A,): summed over agents, each agent's gradient stays its own.
-    """
-    logp_table = torch.log_softmax(logits, dim=1)  # (A, K, S)
-    logprob = logp_table.flatten(1).gather(1, actions * logits.shape[-1] + obs)  # (A, N)
-    entropy_loss = (-(logp_table.exp() * logp_table).sum(1)).gather(1, obs).mean(1)
-    value = values.gather(1, obs)  # (A, N)
-    pg_loss = -(logprob * (returns - value).detach()).mean(1)
-    v_loss = 0.5 * ((returns - value) ** 2).mean(1)
-    return pg_loss - ent_coef * entropy_loss + vf_coef * v_loss, pg_loss, v_loss, entropy_loss
-
-
 def clip_grad_norm_per_agent_(parameters: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`nn.utils.clip_grad_norm_` applied to each agent's own parameters (leading axis = agent); returns the norms."""
     norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in parameters], 1), dim=1)
@@ -303,10 +283,17 @@ def clip_grad_norm_per_agent_(parameters: List[torch.Tensor], max_norm: float) -
 
 def a2c_update(agent: BatchedAgent, optimizer: optim.Optimizer, logits, values, obs, actions, returns,
                ent_coef: float, vf_coef: float, max_grad_norm: float):
-    """One A2C step for all agents; Adam is elementwise, so one optimizer over stacked parameters = one per agent."""
-    loss, pg_loss, v_loss, entropy_loss = batched_a2c_loss(logits, values, obs, actions, returns, ent_coef, vf_coef)
+    """a2c_darkroom.py's `a2c_loss` and step for every agent at once, read from the agents' tables: logits (A, K, S),
+    values (A, S); obs, actions, returns (A, N), each agent's rollout. The per-agent losses are summed, so each
+    agent's gradient stays its own, and the optimizer is elementwise: one over the stacked agents = one per agent."""
+    logp_table = torch.log_softmax(logits, dim=1)  # (A, K, S)
+    logprob = logp_table.flatten(1).gather(1, actions * logits.shape[-1] + obs)  # (A, N)
+    entropy_loss = (-(logp_table.exp() * logp_table).sum(1)).gather(1, obs).mean(1)
+    value = values.gather(1, obs)  # (A, N)
+    pg_loss = -(logprob * (returns - value).detach()).mean(1)
+    v_loss = 0.5 * ((returns - value) ** 2).mean(1)
     optimizer.zero_grad()
-    loss.sum().backward()
+    (pg_loss - ent_coef * entropy_loss + vf_coef * v_loss).sum().backward()
     grad_norm = clip_grad_norm_per_agent_(list(agent.parameters()), max_grad_norm)
     optimizer.step()
     return pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), grad_norm
@@ -428,21 +415,6 @@ def write_atomic(path: str, write) -> None:
         raise
 
 
-def plot_learning_curves(path: str, steps: np.ndarray, success: np.ndarray, title: str, history_len: int) -> None:
-    """One line per agent (success rate vs env steps per agent), their mean and the history cut, written atomically."""
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    ax.set_prop_cycle(color=matplotlib.colormaps["viridis"](np.linspace(0, 1, success.shape[1])))
-    ax.plot(steps, success, lw=0.7, alpha=0.6)
-    ax.plot(steps, success.mean(1), color="black", lw=2, label=f"mean over {success.shape[1]} agents")
-    ax.axvline(history_len, color="red", ls="--", lw=1, label=f"histories end ({history_len:,} steps)")
-    ax.set(xlabel="env steps per agent", ylabel="success rate", ylim=(-0.02, 1.02), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
 def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]], algo_keys: List[str]) -> dict:
     """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
     return {
@@ -468,35 +440,6 @@ def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], par
             "total_timesteps": args.total_timesteps,
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                          "gymnasium": gym.__version__, "toymeta": importlib.metadata.version("toymeta")}}
-
-
-def check_directory(args: CollectArgs, config: dict) -> None:
-    """Exit with one line unless `--histories-dir` may take histories of `config`: its `tasks.json` says `config` or it
-    holds no history yet; without a `tasks.json` (lost), every history there must be of `config`, so the one rebuilt is true."""
-    path = os.path.join(args.histories_dir, "tasks.json")
-    histories = sorted(glob.glob(os.path.join(glob.escape(args.histories_dir), "train", "goal_*.npz"))
-                       + glob.glob(os.path.join(glob.escape(args.histories_dir), "test", "goal_*.npz")))
-    if not os.path.exists(path):
-        fix = f"use the flags it was collected with (they were in the lost {path}), or delete it"
-        for history in histories:
-            part, match = os.path.basename(os.path.dirname(history)), re.fullmatch(r"goal_(\d+)_(\d+)\.npz", os.path.basename(history))
-            if not match or [int(match[1]), int(match[2])] not in config[part]:
-                raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another --histories-dir")
-            check_history(history, history_metadata(args, config, (int(match[1]), int(match[2])), part), fix)
-        return
-    fix = "delete it and rerun the same command (it is rebuilt from the histories), or use another --histories-dir"
-    try:
-        with open(path) as f:
-            existing = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
-    if not isinstance(existing, dict) or not set(config) <= set(existing):
-        raise SystemExit(f"error: {path} is not a tasks.json of this script (a JSON object with the keys {', '.join(config)}); {fix}")
-    for key, value in config.items():
-        if existing[key] != value and histories:
-            there, now = ("another split", "this one") if key in ("train", "test") else (existing[key], value)
-            raise SystemExit(f"error: {args.histories_dir}/ was made with another config ({key}: {there} there, {now} now); "
-                             f"use the same flags as before or another --histories-dir")
 
 
 def write_tasks_json(histories_dir: str, config: dict) -> None:
@@ -587,12 +530,38 @@ class HistoryRecorder:
 
 
 def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: int, run_name: str):
-    """The config of --histories-dir and the tasks still to collect, checked before any work: the histories there,
-    the memory (`learner_bytes` per goal), the outputs' directories. Exits 0 when every history is there already."""
+    """The config of --histories-dir and the tasks still to collect, checked before any work. Its `tasks.json` must say
+    this config unless it holds no history yet (a failed run blocks no other config); without one (lost), every history
+    there must be of this config, so the one rebuilt is true to them. Then the histories of the tasks named, the memory
+    (`learner_bytes` per goal) and the outputs' directories. Exits 0 when every history is there already."""
     split = make_split(args.size, args.num_train_tasks, args.split_seed)
     tasks = select_tasks(args.tasks, split, args.size)
     config = directory_config(args, split, algo_keys)
-    check_directory(args, config)
+    tasks_json = os.path.join(args.histories_dir, "tasks.json")
+    histories = sorted(history for part in ("train", "test")
+                       for history in glob.glob(os.path.join(glob.escape(args.histories_dir), part, "goal_*.npz")))
+    lost = not os.path.exists(tasks_json)
+    for history in histories if lost else []:
+        part, match = os.path.basename(os.path.dirname(history)), re.fullmatch(r"goal_(\d+)_(\d+)\.npz", os.path.basename(history))
+        fix = f"use the flags it was collected with (they were in the lost {tasks_json}), or delete it"
+        if not match or [int(match[1]), int(match[2])] not in config[part]:
+            raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another --histories-dir")
+        check_history(history, history_metadata(args, config, (int(match[1]), int(match[2])), part), fix)
+    if not lost:
+        fix = "delete it and rerun the same command (it is rebuilt from the histories), or use another --histories-dir"
+        try:
+            with open(tasks_json) as f:
+                existing = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {tasks_json} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
+        if not isinstance(existing, dict) or not set(config) <= set(existing):
+            raise SystemExit(f"error: {tasks_json} is not a tasks.json of this script (a JSON object with the keys "
+                             f"{', '.join(config)}); {fix}")
+        for key, value in config.items():
+            if existing[key] != value and histories:
+                there, now = ("another split", "this one") if key in ("train", "test") else (existing[key], value)
+                raise SystemExit(f"error: {args.histories_dir}/ was made with another config ({key}: {there} there, {now} now); "
+                                 f"use the same flags as before or another --histories-dir")
     todo = []  # the tasks whose history is missing (all with --overwrite); those there must be complete and of this config
     for goal, part in tasks:
         if os.path.exists(history_path(args.histories_dir, goal, part)) and not args.overwrite:
@@ -600,9 +569,7 @@ def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: i
         else:
             todo.append((goal, part))
     if not todo:
-        tasks_json = os.path.join(args.histories_dir, "tasks.json")
-        lost = not os.path.exists(tasks_json)
-        if lost:  # check_directory found every history there true to this config
+        if lost:
             check_writable(args.histories_dir, "give a writable --histories-dir")
             write_tasks_json(args.histories_dir, config)
         print(f"all {len(tasks)} histories are already in {args.histories_dir}/; nothing to do"
@@ -633,15 +600,27 @@ def open_writer(args: CollectArgs, run_name: str) -> SummaryWriter:
 
 
 def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
-    """Write the learning curves of this run's agents next to the histories (json, png) and print a summary."""
+    """Write the learning curves of this run's agents next to the histories (json; png: one line per goal, their mean,
+    the history cut) and print a summary."""
     elapsed, global_step, goals = time.time() - recorder.start_time, recorder.global_step, [goal for goal, _ in recorder.todo]
     name = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in ("train", "test", "all") else "custom"
     steps, success = np.array(recorder.curve_steps), np.stack(recorder.curve_success)  # (points,), (points, A)
     path = os.path.join(args.histories_dir, f"learning_curves_{name}")
     curves = {"env_steps_per_agent": steps.tolist(), "goals": [list(g) for g in goals], "success_rate": success.round(4).tolist()}
     write_atomic(path + ".json", lambda f: f.write(json.dumps(curves).encode()))
-    plot_learning_curves(path + ".png", steps, success, f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} goals x "
-                         f"{args.agents_per_goal} agent(s) ({name} tasks)", args.steps_per_stream * args.num_envs)
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    ax.set_prop_cycle(color=matplotlib.colormaps["viridis"](np.linspace(0, 1, len(goals))))
+    ax.plot(steps, success, lw=0.7, alpha=0.6)
+    ax.plot(steps, success.mean(1), color="black", lw=2, label=f"mean over {len(goals)} agents")
+    history_len = args.steps_per_stream * args.num_envs
+    ax.axvline(history_len, color="red", ls="--", lw=1, label=f"histories end ({history_len:,} steps)")
+    ax.set(xlabel="env steps per agent", ylabel="success rate", ylim=(-0.02, 1.02),
+           title=f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} goals x {args.agents_per_goal} agent(s) ({name} tasks)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    write_atomic(path + ".png", lambda f: fig.savefig(f, format="png", dpi=100))
     mean, num_agents = success.mean(1), len(goals) * args.agents_per_goal
     above = np.flatnonzero(mean >= 0.9)
     print(f"{num_agents} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * num_agents / elapsed)} "
