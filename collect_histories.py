@@ -274,7 +274,8 @@ def nstep_returns(rewards, terminated, truncated, next_values, gamma: float):
 
 def clip_grad_norm_per_agent_(parameters: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     """`nn.utils.clip_grad_norm_` applied to each agent's own parameters (leading axis = agent); returns the norms."""
-    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in parameters], 1), dim=1)
+    per_tensor = torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in parameters], dim=1)  # (A, P)
+    norms = torch.linalg.vector_norm(per_tensor, dim=1)  # (A,)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for p in parameters:
         p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
@@ -417,19 +418,13 @@ def write_atomic(path: str, write) -> None:
 
 def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]], algo_keys: List[str]) -> dict:
     """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "split_seed": args.split_seed,
-        "train": [list(goal) for goal in split["train"]],
-        "test": [list(goal) for goal in split["test"]],
-        # random_start is written only when on, so the directories of the fixed start keep their tasks.json
-        "env": {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps,
-                **({"random_start": True} if args.random_start else {})},
-        "num_train_tasks": args.num_train_tasks,
-        "source": args.source,
-        "seed": args.seed,
-        "algo": {key: getattr(args, key) for key in algo_keys},
-    }
+    return {"format_version": FORMAT_VERSION, "split_seed": args.split_seed,
+            "train": [list(goal) for goal in split["train"]], "test": [list(goal) for goal in split["test"]],
+            # random_start is written only when on, so the directories of the fixed start keep their tasks.json
+            "env": {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps,
+                    **({"random_start": True} if args.random_start else {})},
+            "num_train_tasks": args.num_train_tasks, "source": args.source, "seed": args.seed,
+            "algo": {key: getattr(args, key) for key in algo_keys}}
 
 
 def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], part: str) -> dict:
@@ -465,7 +460,7 @@ class HistoryRecorder:
 
     def kept(self, log_dir: str) -> str:
         """What an interrupted run keeps: the histories written (each one complete) and the TensorBoard logs."""
-        rest = " (rerun the same command to collect the rest)" if self.written < len(self.todo) else ""
+        rest = " (rerun the same command to collect the rest)" * (self.written < len(self.todo))
         return (f"{self.written} of {len(self.todo)} histories written to {self.args.histories_dir}/{rest}; "
                 f"TensorBoard logs in {log_dir}/")
 
@@ -587,7 +582,7 @@ def make_envs(args: CollectArgs, todo: List[Tuple[Tuple[int, int], str]]):
     """The envs of every task to collect, goal i's agents i * agents_per_goal ..., agent a's envs a * num_envs ...,
     and each agent's seeds (`agent_seeds`)."""
     goals = [goal for goal, _ in todo]
-    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, goal, args.size, k) for goal in goals for k in range(args.agents_per_goal)])
+    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, g, args.size, k) for g in goals for k in range(args.agents_per_goal)])
     envs = DarkRoomVectorEnv(np.repeat(np.array(goals), args.agents_per_goal * args.num_envs, axis=0), args.size,
                              args.terminate_on_goal, args.max_episode_steps, start_rngs if args.random_start else None)
     return envs, list(seeds), list(rngs)
@@ -615,8 +610,8 @@ def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     ax.plot(steps, success.mean(1), color="black", lw=2, label=f"mean over {len(goals)} agents")
     history_len = args.steps_per_stream * args.num_envs
     ax.axvline(history_len, color="red", ls="--", lw=1, label=f"histories end ({history_len:,} steps)")
-    ax.set(xlabel="env steps per agent", ylabel="success rate", ylim=(-0.02, 1.02),
-           title=f"{args.source} on DarkRoom {args.size}x{args.size}: {len(goals)} goals x {args.agents_per_goal} agent(s) ({name} tasks)")
+    ax.set(xlabel="env steps per agent", ylabel="success rate", ylim=(-0.02, 1.02), title=f"{args.source} on DarkRoom "
+           f"{args.size}x{args.size}: {len(goals)} goals x {args.agents_per_goal} agent(s) ({name} tasks)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
