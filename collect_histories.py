@@ -182,8 +182,7 @@ def check_args(args: Args) -> None:
         need(args, math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name.replace("_", "-"), "at least 0")
     need(args, args.max_grad_norm > 0, "max-grad-norm", "positive (inf: no clipping)")
     need(args, not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
-    if args.total_timesteps < args.num_envs * args.num_steps:
-        raise SystemExit("error: --total-timesteps must be at least --num-envs * --num-steps (one update)")
+    need(args, args.total_timesteps >= args.num_envs * args.num_steps, "total-timesteps", "at least --num-envs * --num-steps (one update)")
     steps_trained = args.total_timesteps // (args.num_envs * args.num_steps) * args.num_steps  # per env stream
     if args.history_len // args.num_envs > steps_trained:
         raise SystemExit(f"error: --history-len {args.history_len} is more than the {steps_trained * args.num_envs} env "
@@ -324,9 +323,9 @@ def available_memory() -> int:
 def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
     """Refuse, in one line, a collection that would not fit in the memory available now: the interpreter and libraries,
     the histories (a byte a value), the rollout and its temporaries, and each goal's learners (`learner_bytes`)."""
-    streams = num_goals * args.agents_per_goal * args.num_envs
     per_stream = len(HISTORY_KEYS) * (args.history_len // args.num_envs) + args.num_steps * 128
-    needed, available = 300 * 2**20 + streams * per_stream + num_goals * learner_bytes, available_memory()
+    needed = 300 * 2**20 + num_goals * (args.agents_per_goal * args.num_envs * per_stream + learner_bytes)
+    available = available_memory()
     if needed > available:
         raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_goals} task(s) "
                          f"to collect needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB more "
