@@ -598,10 +598,21 @@ class HistoryRecorder:
         self.reached &= ~ended
         return info["final_obs"], reward, terminated, ended
 
+    def write_histories(self, G: int, log_dir: str) -> None:
+        """Every goal's history, its G streams (stream, step), each file complete or absent; tasks.json first."""
+        global KEPT  # what on_interrupt reports: it changes with every history written
+        write_tasks_json(self.args.histories_dir, self.config)  # with the first history, so a failed run leaves none
+        for i, (goal, part) in enumerate(self.todo):
+            arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
+            arrays["metadata"] = np.array(json.dumps(history_metadata(self.args, self.config, goal, part)))
+            write_atomic(history_path(self.args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
+            self.written += 1
+            KEPT = self.kept(log_dir)
+        self.history = None
+
     def end_rollout(self, update: int, writer: SummaryWriter, progress) -> bool:
         """Keep the rollout's part of the histories and write them once complete; log the charts every --log-every
         updates and after the last one. Returns whether the charts were logged (so the caller can add its own)."""
-        global KEPT  # what on_interrupt reports: it changes with every history written
         args, E = self.args, self.args.num_envs
         G = args.agents_per_goal * E  # streams per goal: the envs of its agents, side by side
         if self.global_step // E < args.steps_per_stream:
@@ -610,16 +621,8 @@ class HistoryRecorder:
             for key in HISTORY_KEYS:
                 self.history[key][t0:t0 + n] = self.rollout[key][:n]
         self.global_step += E * args.num_steps
-
         if self.global_step // E >= args.steps_per_stream and self.written == 0:
-            write_tasks_json(args.histories_dir, self.config)  # with the first history, so a failed run leaves none
-            for i, (goal, part) in enumerate(self.todo):
-                arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
-                arrays["metadata"] = np.array(json.dumps(history_metadata(args, self.config, goal, part)))
-                write_atomic(history_path(args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
-                self.written += 1
-                KEPT = self.kept(writer.log_dir)
-            self.history = None
+            self.write_histories(G, writer.log_dir)
             progress.write(f"{self.written} histories written to {args.histories_dir}/ at {self.global_step} env steps per agent")
 
         if update % args.log_every != 0 and update != args.num_updates:
