@@ -266,10 +266,7 @@ if __name__ == "__main__":
         check_writable(f"videos/{run_name}", "make videos/ writable, or run without --capture-video")
     writer = SummaryWriter(f"runs/{run_name}")
     KEPT = f"the TensorBoard logs in runs/{run_name}/ (no model: it is saved after training)"
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
 
     # env setup: SAME_STEP autoreset returns the final observation of an ended episode in `info["final_obs"]`
     envs = gym.vector.SyncVectorEnv(

@@ -47,8 +47,7 @@ class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment; the default output is `results/{checkpoint's run name}__{update}__{exp_name}__{seed}__{unix time}`"""
     seed: int = 1
-    """seed of the evaluation: the model's sampled actions (the same actions as ad_dt.py's periodic evaluation with this
-    --seed and the same --episodes/--seeds), the random baseline, the windows of the teacher-forced loss"""
+    """seed of the model's sampled actions (as ad_dt.py's evaluation with this --seed), the baselines, the loss windows"""
     torch_deterministic: bool = True
     """if toggled, sets `torch.backends.cudnn.deterministic=True` so GPU runs are reproducible (CPU runs are)"""
     cuda: bool = False
@@ -59,8 +58,8 @@ class Args:
     checkpoint: str = tyro.MISSING
     """an `ad_dt_UPDATE.pt` written by ad_dt.py (required); it holds the model and the task split"""
     histories_dir: Optional[str] = None
-    """directory written by collect_histories_tabular.py or collect_histories.py (`tasks.json`, `train/`, `test/`): the source-from-scratch baseline
-    and the teacher-forced losses come from it; default: the checkpoint's own --histories-dir"""
+    """the histories the checkpoint trained on, for the source-from-scratch baseline and the teacher-forced losses;
+    default: the checkpoint's own --histories-dir"""
     episodes: int = 100
     """whole episodes per env, from an empty context (cheap with the KV cache: a slow source needs hundreds)"""
     seeds: int = 4
@@ -72,8 +71,7 @@ class Args:
     temperature: float = 1.0
     """sampling temperature of the model's actions (1.0: its policy as trained, the headline; below 1: closer to greedy)"""
     context: Optional[int] = None
-    """the most transitions the model's context holds; None (the default, the headline): the whole run, never cut. The
-    checkpoint's seq_len cuts a full context to its most recent half (ad_dt.py's evaluation before this flag existed)"""
+    """the most transitions the model's context holds (a full one drops to its recent half); None: the whole run"""
     loss_windows: int = 256
     """windows (sampled as in training) of the held-out and of the training histories for the teacher-forced loss; 0 skips it"""
     video_episodes: int = 10
@@ -86,22 +84,18 @@ class Args:
 
 def check_args(args):
     """Reject every bad flag with a one-line message naming it, before any work."""
-    for name, low in (("episodes", 1), ("seeds", 1), ("num_threads", 1), ("seed", 0), ("loss_windows", 0),
-                      ("video_episodes", 0), ("video_task", 0)):
-        if getattr(args, name) < low:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if args.seed >= 2**32:
-        raise SystemExit(f"error: --seed must be in 0..2**32-1 (numpy's seeds), got {args.seed}")
-    if not 0 < len(args.exp_name.encode()) <= 200 or "/" in args.exp_name:
-        raise SystemExit(f"error: --exp-name must be a non-empty file name without '/', got {args.exp_name}")
-    if args.context is not None and args.context < 2:
-        raise SystemExit(f"error: --context must be at least 2 transitions, or left out for the whole run, got {args.context}")
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise SystemExit(f"error: --temperature must be positive (use --greedy for argmax actions), got {args.temperature}")
-    if args.cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --cuda was given but torch sees no CUDA GPU: leave it out to run on the CPU")
-    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        raise SystemExit(f"error: --out-dir {args.out_dir} is a file: give a directory")
+    def need(ok, flag, rule):
+        if not ok:
+            raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+
+    for name, low in (("episodes", 1), ("seeds", 1), ("num_threads", 1), ("loss_windows", 0), ("video_episodes", 0), ("video_task", 0)):
+        need(getattr(args, name) >= low, name.replace("_", "-"), f"at least {low}")
+    need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
+    need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
+    need(args.context is None or args.context >= 2, "context", "at least 2 transitions, or left out for the whole run")
+    need(math.isfinite(args.temperature) and args.temperature > 0, "temperature", "positive (use --greedy for argmax actions)")
+    need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
+    need(args.out_dir is None or not Path(args.out_dir).exists() or Path(args.out_dir).is_dir(), "out-dir", "a directory, not a file")
 
 
 # baselines: policies that act in the same batched rooms as the model, with act(states) and observe(one step)
