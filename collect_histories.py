@@ -459,7 +459,7 @@ class HistoryRecorder:
 
     def kept(self, log_dir: str) -> str:
         """What an interrupted run keeps: the histories written (each one complete) and the TensorBoard logs."""
-        rest = " (rerun the same command to collect the rest)" * (self.written < len(self.todo))
+        rest = " (rerun the same command to collect the rest)" if self.written < len(self.todo) else ""
         return (f"{self.written} of {len(self.todo)} histories written to {self.args.histories_dir}/{rest}; "
                 f"TensorBoard logs in {log_dir}/")
 
