@@ -708,14 +708,14 @@ def check_resume(checkpoint, args, tasks, config):
         raise SystemExit(f"error: the model flags differ from those saved in {args.resume}; leave them out to resume")
 
 
-def make_run_dir(run_dir):
-    """The outputs' directory, known to be writable before any work is done for them."""
+def make_run_dir(run_dir, name="the run directory", fix="make runs/ writable or run elsewhere"):
+    """The outputs' directory, known to be writable before any work is done for them (eval_ad.py's too)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_dir.joinpath(".writable").touch()
         run_dir.joinpath(".writable").unlink()
     except OSError as e:
-        raise SystemExit(f"error: cannot write the run directory {run_dir} ({e.strerror}): make runs/ writable or run elsewhere")
+        raise SystemExit(f"error: cannot write {name} {run_dir} ({e.strerror}): {fix}")
 
 
 def diagnostic_batches(datasets, args, device):

@@ -618,8 +618,8 @@ def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     mean, num_agents = success.mean(1), len(goals) * args.agents_per_goal
     above = np.flatnonzero(mean >= 0.9)
     print(f"{num_agents} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * num_agents / elapsed)} "
-          f"env steps/s); final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 from "
-          f"{steps[above[0]] if len(above) else 'never'} env steps per agent")
+          f"env steps/s); final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 "
+          + (f"from {steps[above[0]]} env steps per agent" if len(above) else "never reached"))
     print(f"histories in {args.histories_dir}/, learning curves in {path}.png, TensorBoard in runs/{run_name}/")
 
 

@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 # and the sources it compares with from the script that wrote the histories
 import collect_histories_tabular
 from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, evaluate_in_context, load_checkpoint, load_histories, make_dataset,
-                   make_envs, sample_windows, summarize_evaluation, teacher_forced_loss)
+                   make_envs, make_run_dir, sample_windows, summarize_evaluation, teacher_forced_loss)
 
 
 @dataclass
@@ -109,18 +109,14 @@ def step_towards(states, targets, size):
 
 class RandomPolicy:
     """Uniformly random actions; learns nothing."""
-
     def __init__(self, num_envs, size, goal_states, rng):
-        self.act = lambda states: rng.integers(0, NUM_ACTIONS, len(states))
-        self.observe = lambda *step: None
+        self.act, self.observe = lambda states: rng.integers(0, NUM_ACTIONS, len(states)), lambda *step: None
 
 
 class OptimalPolicy:
     """Knows the goal: the shortest path to it in every episode, and stays on it when the episode does not end there."""
-
     def __init__(self, num_envs, size, goal_states, rng=None):
-        self.act = lambda states: step_towards(states, goal_states, size)
-        self.observe = lambda *step: None
+        self.act, self.observe = lambda states: step_towards(states, goal_states, size), lambda *step: None
 
 
 class ExplorationOracle:
@@ -339,12 +335,7 @@ def load_run(args, device):
     update = checkpoint.get("update", 0)
     run_name = f"{checkpoint.get('run_name', Path(args.checkpoint).parent.name)}__{update}__{args.exp_name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.out_dir or f"results/{run_name}")
-    try:  # writable before the evaluation, not after it
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / ".writable").touch()
-        (out_dir / ".writable").unlink()
-    except OSError as e:
-        raise SystemExit(f"error: cannot write --out-dir {out_dir} ({e.strerror}): give a writable directory")
+    make_run_dir(out_dir, "--out-dir", "give a writable directory")  # writable before the evaluation, not after it
     notes, num_envs = [], (metas or [{}])[0].get("algo", {}).get("num_envs", 1)
     if source in LEARNER_PER_STREAM:
         notes.append(f"the {source} baseline is the source run from scratch here, with the histories' config ({metas[0]['algo']})")

@@ -22,16 +22,16 @@ class Args:
     """seed of the models, the window sampling and dropout"""
     num_threads: int = 2
     """CPU threads for torch"""
-    compare: Literal["original", "dynaq", "explorer", "dynaq_depth", "explorer_depth", "dynaq_paper", "explorer_paper"] = "original"
+    compare: Literal["original", "dynaq", "explorer", "a2c", "dynaq_depth", "explorer_depth", "dynaq_paper", "explorer_paper"] = "original"
     """"original": ad_dt.py's defaults (the Dyna-Q stage's) vs the original design's configuration; "dynaq" / "explorer":
     reproduce.sh's configuration of that stage vs the one it had before (residual dropout 0.1, 4 heads, 4 layers), on its
     histories; "dynaq_depth" / "explorer_depth": that stage's configuration with 3 layers vs with 4 (the explorer's now has 3,
-    the Dyna-Q stage's 4);
+    the Dyna-Q stage's 4); "a2c": the A2C stage's update (2 heads, 3 layers, every 8th episode) vs the same with 4 and 4;
     "dynaq_paper" / "explorer_paper": that stage's configuration vs the same with the AD paper's dropout (0.5 on the
     attention weights, 0.1 on the residuals)"""
     histories_dir: str = ""
     """directory written by `collect_histories_tabular.py`; default: `histories` (Dyna-Q, its default) or
-    `histories_explorer`, as reproduce.sh names them. Each configuration reads it at its own pace"""
+    `histories_explorer` or `histories_a2c`, as reproduce.sh names them. Each configuration reads it at its own pace"""
     rounds: int = 4
     """timed rounds; each runs both configurations, in alternating order, so machine load hits both alike"""
     first_updates: Optional[int] = None
@@ -62,6 +62,8 @@ if __name__ == "__main__":
         "original": ({"default": ADArgs(), "original": original}, "histories"),
         "dynaq": ({"now": ADArgs(**dynaq_now), "before": ADArgs(**dynaq, residual_dropout=0.1)}, "histories"),
         "explorer": ({"now": ADArgs(**explorer_now), "before": ADArgs(**explorer, residual_dropout=0.1)}, "histories_explorer"),
+        "a2c": ({"now": ADArgs(**{**dynaq_now, "keep_every": 8, "num_heads": 2, "num_layers": 3}),
+                 "before": ADArgs(**{**dynaq_now, "keep_every": 8})}, "histories_a2c"),
         "dynaq_depth": ({"3layers": ADArgs(**{**dynaq_now, "num_layers": 3}), "4layers": ADArgs(**dynaq_now)}, "histories"),
         "explorer_depth": ({"3layers": ADArgs(**explorer_now), "4layers": ADArgs(**{**explorer_now, "num_layers": 4})}, "histories_explorer"),
         "dynaq_paper": ({"now": ADArgs(**dynaq_now), "paper": ADArgs(**{**dynaq_now, **paper})}, "histories"),
