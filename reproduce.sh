@@ -57,7 +57,7 @@ collect collect_histories.py --histories-dir "histories_a2c$S" --num-envs 1 --ag
   --update-epochs 4 --learning-rate 3e-3 --ent-coef 0.05 --critic-init-std 0 --history-len 2200 --total-timesteps 2200
 stage "4/$N AD on the A2C histories (every 8th episode: a window = a whole stream, as for Dyna-Q) + evaluation"
 # every 8th episode of a 2200-step stream is about 275 transitions, so a 256-transition window shows one agent's whole
-# arc from scratch; 2 heads and 3 layers make an update 1.5x cheaper, which buys 5600 updates (experiments/README.md,
+# arc from scratch; 2 heads and 3 layers make an update 1.4x cheaper, which buys 5600 updates (experiments/README.md,
 # "Fast per-stream A2C")
 ad_and_eval "ad_a2c$S" "histories_a2c$S" --seq-len 256 --keep-every 8 --num-heads 2 --num-layers 3 \
   --num-updates 5600 --eval-every 2800
