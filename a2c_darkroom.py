@@ -233,14 +233,13 @@ def render_frame(size: int, goal: Tuple[int, int], agent_state: int, scale: int 
     return frame
 
 
+@torch.no_grad()
 def greedy_rollout(agent: Agent, env: gym.Env, device: torch.device, seed: int = 0):
     """Run one episode acting greedily; returns the visited states (including the first) and the return."""
     obs, _ = env.reset(seed=seed)
     states, total, done = [obs], 0.0, False
     while not done:
-        with torch.no_grad():
-            hidden = agent.embedding(torch.tensor([obs], device=device))
-            action = agent.actor(hidden).argmax(-1).item()
+        action = agent.actor(agent.embedding(torch.tensor([obs], device=device))).argmax(-1).item()
         obs, reward, terminated, truncated, _ = env.step(action)
         states.append(obs)
         total += reward
@@ -280,12 +279,10 @@ if __name__ == "__main__":
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=args.adam_eps)
 
     # ALGO Logic: storage setup
-    obs = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    next_obs_true = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
-    rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
-    terminateds = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
-    truncateds = torch.zeros((args.num_steps, args.num_envs), dtype=torch.bool, device=device)
+    shape = (args.num_steps, args.num_envs)
+    obs, next_obs_true, actions = (torch.zeros(shape, dtype=torch.long, device=device) for _ in range(3))
+    rewards = torch.zeros(shape, device=device)
+    terminateds, truncateds = (torch.zeros(shape, dtype=torch.bool, device=device) for _ in range(2))
 
     global_step = 0
     start_time = time.time()
