@@ -147,17 +147,17 @@ def check_writable(directory: str, fix: str) -> None:
         raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
 
 
-def write_atomic(path: str, write) -> None:
-    """Write via `write(file)` to a temp name, then rename: an interrupted write leaves no partial file."""
-    tmp = path + ".tmp"
+def write_atomic(path, write) -> None:
+    """write(temp path), then rename: an interrupted run leaves no partial file. The temp name keeps the extension,
+    from which numpy, matplotlib and imageio pick the format."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def make_env(size: int, goal: Tuple[int, int], terminate_on_goal: bool, max_episode_steps: int):
@@ -338,7 +338,7 @@ if __name__ == "__main__":
 
     envs.close()
     model_path = f"runs/{run_name}/{args.exp_name}.pt"
-    write_atomic(model_path, lambda f: torch.save({"model": agent.state_dict(), "args": vars(args), "num_states": num_states}, f))
+    write_atomic(model_path, lambda tmp: torch.save({"model": agent.state_dict(), "args": vars(args), "num_states": num_states}, tmp))
     KEPT = f"the model {model_path} and the TensorBoard logs" + (" (no video)" if args.capture_video else "")
     print(f"model saved to {model_path}")
 
@@ -350,11 +350,5 @@ if __name__ == "__main__":
             frames += [render_frame(args.size, args.goal, s) for s in states]
             frames += [frames[-1]] * 2  # a short pause between episodes
         video_path = f"videos/{run_name}/greedy.mp4"
-        tmp = video_path + ".tmp.mp4"  # ffmpeg takes the format from the name; a path, not a file object
-        try:
-            imageio.mimwrite(tmp, frames, fps=4, macro_block_size=1)
-            os.replace(tmp, video_path)
-        finally:
-            if os.path.exists(tmp):  # interrupted: no partial video left
-                os.remove(tmp)
+        write_atomic(video_path, lambda tmp: imageio.mimwrite(tmp, frames, fps=4, macro_block_size=1))
         print(f"video saved to {video_path}")

@@ -156,7 +156,8 @@ def check_args(args, world_size=1):
         if not ok:
             raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
-    for name in ("num_threads", "keep_every", "embedding_dim", "num_layers", "num_heads", "feed_forward_dim", "batch_size",
+    need(1 <= args.num_threads <= 1024, "num-threads", "in 1..1024 (more threads than cores only slow torch down)")
+    for name in ("keep_every", "embedding_dim", "num_layers", "num_heads", "feed_forward_dim", "batch_size",
                  "num_updates", "eval_every", "eval_episodes", "eval_seeds", "checkpoint_every"):
         need(getattr(args, name) >= 1, name.replace("_", "-"), "at least 1")
     need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
@@ -177,6 +178,31 @@ def check_args(args, world_size=1):
     need(args.embedding_dim % args.num_heads == 0, "embedding-dim", f"divisible by --num-heads {args.num_heads}")
     need(args.batch_size % world_size == 0, "batch-size", f"divisible by the {world_size} torchrun processes")
     need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(config, tokens, eval_envs, eval_steps, eval_context=None, flags=(
+        "--embedding-dim, --feed-forward-dim or --num-layers", "--batch-size, --seq-len, --diagnostic-windows or the model's size",
+        "--eval-seeds, --eval-episodes or --eval-context")):
+    """Refuse, in one line, work that would not fit in the memory available now, by rough float32 sizes: the weights
+    with their gradients and Adam's moments, the activations of `tokens` training transitions, and an in-context
+    evaluation of eval_envs envs for eval_steps steps (eval_context in context; None: all). flags: what sizes each."""
+    d, ff, layers, k = config.embedding_dim, config.feed_forward_dim, config.num_layers, config.tokens_per_transition
+    eval_context = eval_context or eval_steps
+    sizes = [16 * layers * (4 * d * d + 2 * d * ff), 4 * tokens * k * layers * (16 * d + 2 * ff),
+             eval_envs * (150 * eval_steps + eval_context * (8 * k * layers * d + 48)) + (k * eval_context) ** 2]
+    needed, available = 300 * 2**20 + sum(sizes), available_memory()  # + the interpreter and libraries
+    if needed > available:
+        raise SystemExit(f"error: this needs about {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: "
+                         f"lower {flags[sizes.index(max(sizes))]}")
 
 
 # the env the histories were collected in, a copy of the collectors' (so that this script runs alone)
@@ -666,14 +692,17 @@ def plot_by_episode(result, title):
 
 
 # checkpoints and the run's outputs
-def atomic_write(path, write):
-    """write(temporary path), then rename it to `path`: a reader, or a Ctrl-C, never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path, write) -> None:
+    """write(temp path), then rename: an interrupted run leaves no partial file. The temp name keeps the extension,
+    from which numpy, matplotlib and imageio pick the format."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -708,14 +737,15 @@ def check_resume(checkpoint, args, tasks, config):
         raise SystemExit(f"error: the model flags differ from those saved in {args.resume}; leave them out to resume")
 
 
-def make_run_dir(run_dir, name="the run directory", fix="make runs/ writable or run elsewhere"):
-    """The outputs' directory, known to be writable before any work is done for them (eval_ad.py's too)."""
+def check_writable(directory: str, fix: str) -> None:
+    """Make `directory` and write a probe file in it: a one-line error now rather than a traceback after the work."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_dir.joinpath(".writable").touch()
-        run_dir.joinpath(".writable").unlink()
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".writable")
+        open(probe, "wb").close()
+        os.remove(probe)
     except OSError as e:
-        raise SystemExit(f"error: cannot write {name} {run_dir} ({e.strerror}): {fix}")
+        raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
 
 
 def diagnostic_batches(datasets, args, device):
@@ -765,6 +795,8 @@ if __name__ == "__main__":
     if np.diff(data["offsets"]).max() < args.seq_len:
         raise SystemExit(f"error: no stream holds --seq-len {args.seq_len} transitions after --history-len/--keep-every")
     config = model_config(args, tasks["env"])
+    check_memory(config, (args.batch_size + args.diagnostic_windows) * args.seq_len, max(len(tasks["test"]) * args.eval_seeds,
+                 len(tasks["train"])), args.eval_episodes * tasks["env"]["max_episode_steps"], args.eval_context)
     if checkpoint is not None:
         check_resume(checkpoint, args, tasks, config)
         run_name, run_dir = checkpoint["run_name"], Path(args.resume).parent
@@ -772,7 +804,7 @@ if __name__ == "__main__":
         run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = Path("runs") / run_name
     if rank == 0:
-        make_run_dir(run_dir)
+        check_writable(run_dir, "make runs/ writable, or run from another directory")
     if world_size > 1:
         if args.cuda:
             torch.cuda.set_device(device)
@@ -860,7 +892,7 @@ if __name__ == "__main__":
             state = dict(model=raw_model.state_dict(), model_config=asdict(config), args=asdict(args), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), update=step, rng={"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
                          tasks=tasks, run_name=run_name)
-            atomic_write(path, partial(torch.save, state))
+            write_atomic(path, partial(torch.save, state))
             KEPT = f"checkpoints up to {path}: continue with `python ad_dt.py --resume {path}`"
     if world_size > 1:
         dist.destroy_process_group()

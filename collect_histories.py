@@ -30,6 +30,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
 import gymnasium as gym
@@ -171,9 +172,10 @@ def check_collect_args(args: CollectArgs) -> None:
 def check_args(args: Args) -> None:
     """Reject every bad flag with a one-line message naming it, before anything is read or written (what depends on
     the histories there is checked by `prepare_collection`)."""
-    for name in ["agents_per_goal", "num_steps", "update_epochs", "total_timesteps", "hidden_size", "num_threads"]:
+    for name in ["agents_per_goal", "num_steps", "update_epochs", "total_timesteps", "hidden_size"]:
         need(args, getattr(args, name) >= 1, name.replace("_", "-"), "positive")
     check_collect_args(args)
+    need(args, 1 <= args.num_threads <= 1024, "num-threads", "in 1..1024 (more threads than cores only slow torch down)")
     need(args, 0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
     need(args, math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
     need(args, math.isfinite(args.critic_init_std) and args.critic_init_std >= 0, "critic-init-std", "at least 0")
@@ -402,17 +404,17 @@ def check_history(path: str, expected_meta: dict, fix: str = "delete it or rerun
                              f"expected {np.dtype(dtype)}{shape}; {fix}")
 
 
-def write_atomic(path: str, write) -> None:
-    """Write via `write(file)` to a temp name, then rename: an interrupted write leaves no partial file."""
-    tmp = path + ".tmp"
+def write_atomic(path, write) -> None:
+    """write(temp path), then rename: an interrupted run leaves no partial file. The temp name keeps the extension,
+    from which numpy, matplotlib and imageio pick the format."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]], algo_keys: List[str]) -> dict:
@@ -439,7 +441,7 @@ def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], par
 def write_tasks_json(histories_dir: str, config: dict) -> None:
     """`tasks.json`: the directory's config, one key a line."""
     text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in config.items()) + "\n}\n"
-    write_atomic(os.path.join(histories_dir, "tasks.json"), lambda f: f.write(text.encode()))
+    write_atomic(os.path.join(histories_dir, "tasks.json"), lambda tmp: Path(tmp).write_text(text))
 
 
 class HistoryRecorder:
@@ -503,7 +505,7 @@ class HistoryRecorder:
         for i, (goal, part) in enumerate(self.todo):
             arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
             arrays["metadata"] = np.array(json.dumps(history_metadata(self.args, self.config, goal, part)))
-            write_atomic(history_path(self.args.histories_dir, goal, part), lambda f: np.savez_compressed(f, **arrays))
+            write_atomic(history_path(self.args.histories_dir, goal, part), lambda tmp: np.savez_compressed(tmp, **arrays))
             self.written += 1
             KEPT = self.kept(log_dir)
         self.history = None
@@ -601,7 +603,7 @@ def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     steps, success = np.array(recorder.curve_steps), np.stack(recorder.curve_success)  # (points,), (points, A)
     path = os.path.join(args.histories_dir, f"learning_curves_{name}")
     curves = {"env_steps_per_agent": steps.tolist(), "goals": [list(g) for g in goals], "success_rate": success.round(4).tolist()}
-    write_atomic(path + ".json", lambda f: f.write(json.dumps(curves).encode()))
+    write_atomic(path + ".json", lambda tmp: Path(tmp).write_text(json.dumps(curves)))
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     ax.set_prop_cycle(color=matplotlib.colormaps["viridis"](np.linspace(0, 1, len(goals))))
@@ -614,7 +616,7 @@ def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    write_atomic(path + ".png", lambda f: fig.savefig(f, format="png", dpi=100))
+    write_atomic(path + ".png", lambda tmp: fig.savefig(tmp, dpi=100))
     mean, num_agents = success.mean(1), len(goals) * args.agents_per_goal
     above = np.flatnonzero(mean >= 0.9)
     print(f"{num_agents} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * num_agents / elapsed)} "
@@ -692,6 +694,6 @@ if __name__ == "__main__":
 
     agents_path = f"runs/{run_name}/agents.pt"
     goals = [goal for goal, _ in todo for _ in range(K)]
-    write_atomic(agents_path, lambda f: torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, f))
+    write_atomic(agents_path, lambda tmp: torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, tmp))
     KEPT = f"{recorder.kept(writer.log_dir)}, the trained agents in {agents_path} (no learning curves)"
     report(args, recorder, run_name)

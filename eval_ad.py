@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 # what this script evaluates comes from the script that trains it (as CleanRL's evals import the training script's network),
 # and the sources it compares with from the script that wrote the histories
 import collect_histories_tabular
-from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, evaluate_in_context, load_checkpoint, load_histories, make_dataset,
-                   make_envs, make_run_dir, sample_windows, summarize_evaluation, teacher_forced_loss)
+from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, check_memory, check_writable, evaluate_in_context, load_checkpoint, load_histories,
+                   make_dataset, make_envs, sample_windows, summarize_evaluation, teacher_forced_loss, write_atomic)
 
 
 @dataclass
@@ -88,9 +88,10 @@ def check_args(args):
         if not ok:
             raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
-    for name, low in (("episodes", 1), ("seeds", 1), ("num_threads", 1), ("loss_windows", 0), ("video_episodes", 0), ("video_task", 0)):
+    for name, low in (("episodes", 1), ("seeds", 1), ("loss_windows", 0), ("video_episodes", 0), ("video_task", 0)):
         need(getattr(args, name) >= low, name.replace("_", "-"), f"at least {low}")
     need(0 <= args.seed < 2**32, "seed", "in 0..2**32-1 (numpy's seeds)")
+    need(1 <= args.num_threads <= 1024, "num-threads", "in 1..1024 (more threads than cores only slow torch down)")
     need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
     need(args.context is None or args.context >= 2, "context", "at least 2 transitions, or left out for the whole run")
     need(math.isfinite(args.temperature) and args.temperature > 0, "temperature", "positive (use --greedy for argmax actions)")
@@ -322,6 +323,8 @@ def load_run(args, device):
         raise SystemExit(f"error: the model in {args.checkpoint} does not fit its env {env}")
     if args.video_task >= len(tasks["test"]):
         raise SystemExit(f"error: --video-task must be in 0..{len(tasks['test']) - 1}, got {args.video_task}")
+    check_memory(model.config, 0, max(len(tasks["test"]), len(tasks["train"]) * args.train_tasks) * args.seeds, args.episodes
+                 * env["max_episode_steps"], args.context, flags=("", "", "--seeds, --episodes or --context"))
     histories_dir = Path(args.histories_dir or checkpoint.get("args", {}).get("histories_dir", "histories"))
     on_disk, test_histories = load_histories(histories_dir, "test")  # validated; held-out goals only
     if any(on_disk.get(key) != tasks.get(key) for key in ("train", "test", "env", "source", "algo")):
@@ -335,7 +338,7 @@ def load_run(args, device):
     update = checkpoint.get("update", 0)
     run_name = f"{checkpoint.get('run_name', Path(args.checkpoint).parent.name)}__{update}__{args.exp_name}__{args.seed}__{int(time.time())}"
     out_dir = Path(args.out_dir or f"results/{run_name}")
-    make_run_dir(out_dir, "--out-dir", "give a writable directory")  # writable before the evaluation, not after it
+    check_writable(out_dir, "give a writable --out-dir")  # writable before the evaluation, not after it
     notes, num_envs = [], (metas or [{}])[0].get("algo", {}).get("num_envs", 1)
     if source in LEARNER_PER_STREAM:
         notes.append(f"the {source} baseline is the source run from scratch here, with the histories' config ({metas[0]['algo']})")
@@ -348,18 +351,6 @@ def load_run(args, device):
     return dict(model=model, checkpoint=checkpoint, tasks=tasks, env=env, histories_dir=histories_dir, test_histories=test_histories,
                 train_histories=train_histories, meta=metas[0] if metas else None, source=source, update=update, out_dir=out_dir, notes=notes)
 
-
-def write_atomic(path, write):
-    """write(temp path), then rename: an interrupted run leaves no partial file. The temp name keeps the extension,
-    from which matplotlib and imageio pick the format."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plot_results(path, methods, train_methods, labels, title, source_gap=None):
@@ -552,7 +543,7 @@ if __name__ == "__main__":
     }
 
     # outputs, each written atomically
-    write_atomic(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+    write_atomic(out_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     KEPT = f"{out_dir}/results.json (the plot, trajectories or video may be missing: rerun to write them)"
     labels = {"ad": "AD (in context)", "random": "random", "optimal": "optimal (knows the goal)", "oracle": "exploration oracle",
               **({source: f"{source} from scratch (one stream)"} if source else {})}

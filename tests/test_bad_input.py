@@ -66,6 +66,10 @@ BAD_FLAGS = [
     (["--warmup-steps", "-1"], "--warmup-steps"), (["--diagnostic-windows", "-1"], "--diagnostic-windows"),
     (["--histories-dir", "nowhere"], "nowhere"),
     (["--seed", str(2**32)], "--seed"), (["--exp-name", "../../x"], "--exp-name"), (["--exp-name", ""], "--exp-name"),
+    # more than the memory or the threads this machine has: refused before the histories are read into windows
+    (["--num-threads", "100000"], "--num-threads"), (["--batch-size", str(10**9)], "--batch-size"),
+    (["--embedding-dim", str(2**20), "--num-heads", "1"], "--embedding-dim"), (["--eval-episodes", str(10**7)], "--eval-episodes"),
+    (["--eval-seeds", str(10**7)], "--eval-seeds"), (["--eval-context", str(10**9)], "--eval-context"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--cuda"], "--cuda"))
@@ -82,7 +86,9 @@ BAD_EVAL_FLAGS = [(["--episodes", "0"], "--episodes"), (["--seeds", "0"], "--see
                   (["--temperature", "0"], "--temperature"), (["--context", "1"], "--context"), (["--video-task", "-1"], "--video-task"),
                   (["--video-task", "99"], "--video-task"),
                   (["--loss-windows", "-1"], "--loss-windows"), (["--num-threads", "0"], "--num-threads"),
-                  (["--seed", str(2**32)], "--seed"), (["--exp-name", "../../x"], "--exp-name")]
+                  (["--seed", str(2**32)], "--seed"), (["--exp-name", "../../x"], "--exp-name"),
+                  (["--num-threads", "100000"], "--num-threads"), (["--episodes", str(10**7)], "--episodes"),
+                  (["--seeds", str(10**6)], "--seeds"), (["--context", str(10**9)], "--context")]
 
 
 @pytest.mark.parametrize("flags, named", BAD_EVAL_FLAGS, ids=[" ".join(f) for f, _ in BAD_EVAL_FLAGS])

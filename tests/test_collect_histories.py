@@ -192,6 +192,8 @@ def test_env_is_ad_dt_s_copy():
     import ad_dt
 
     assert inspect.getsource(ch.DarkRoomVectorEnv) == inspect.getsource(ad_dt.DarkRoomVectorEnv)
+    for name in ["check_writable", "write_atomic", "available_memory"]:  # one way of writing outputs, of sizing memory
+        assert inspect.getsource(getattr(ch, name)) == inspect.getsource(getattr(ad_dt, name)), name
     assert (ch.MOVES, ch.NUM_ACTIONS, ch.FORMAT_VERSION) == (ad_dt.MOVES, ad_dt.NUM_ACTIONS, ad_dt.FORMAT_VERSION)
 
 
@@ -546,8 +548,9 @@ def test_ctrl_c_during_imports_exits_130_with_one_line(tmp_path):
 def test_write_interrupted_midway_leaves_no_file(tmp_path, interruption):
     path = str(tmp_path / "x.npz")
 
-    def write(f):
-        f.write(b"partial")
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
         raise interruption(130)
 
     with pytest.raises(interruption):
@@ -619,7 +622,8 @@ BAD_INPUT = [
     (["--total-timesteps", "0"], "--total-timesteps must be positive"),
     (["--num-envs", "10", "--history-len", "3000000"], "--history-len 3000000 is more than the 2500000 env steps"),
     (["--num-envs", "10", "--history-len", "1050", "--total-timesteps", "1099"], "--history-len 1050 is more than the 1000 env steps"),
-    (["--num-threads", "0"], "--num-threads must be positive"),
+    (["--num-threads", "0"], "--num-threads must be in 1..1024"),
+    (["--num-threads", "100000"], "--num-threads must be in 1..1024"),  # crashed torch
     (["--agents-per-goal", "0"], "--agents-per-goal must be positive"),
     *[case for case in A2C_BAD_INPUT if case not in COMMON_BAD_INPUT],
 ]
