@@ -352,7 +352,6 @@ def load_run(args, device):
                 train_histories=train_histories, meta=metas[0] if metas else None, source=source, update=update, out_dir=out_dir, notes=notes)
 
 
-
 def plot_results(path, methods, train_methods, labels, title, source_gap=None):
     """Return and success rate by episode, mean over runs with a 95% band, training goals dashed; and where the source
     ran from scratch on the same goals, AD's success minus the source's (fidelity: 0 = AD imitates its source exactly)."""

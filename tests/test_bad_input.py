@@ -264,7 +264,8 @@ def test_ctrl_c_during_training_and_evaluation_exits_130_with_one_line(collectio
     flags = [ROOT / "ad_dt.py", "--histories-dir", collection, *TINY, "--num-updates", "100000", "--checkpoint-every", "2", "--eval-every", "100000"]
     code, lines = interrupt(flags, tmp_path, after=1.5, wait_for="streams")
     assert code == 130 and len(lines) == 1 and "--resume" in lines[-1], lines
-    code, lines = interrupt([ROOT / "eval_ad.py", "--checkpoint", trained["checkpoint"], "--episodes", 100000, "--out-dir", tmp_path / "out"],
+    code, lines = interrupt([ROOT / "eval_ad.py", "--checkpoint", trained["checkpoint"], "--episodes", 2000, "--context", 256,  # long, and fits in memory
+                             "--out-dir", tmp_path / "out"],
                             tmp_path, after=1.0, wait_for="held-out goals x")
     assert code == 130 and len(lines) == 1 and lines[0].startswith("interrupted: "), lines
     assert not list((tmp_path / "out").glob("*.tmp*"))
