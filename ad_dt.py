@@ -119,7 +119,9 @@ class Args:
     eval_temperature: float = 1.0
     """sampling temperature of the evaluation's actions (1.0: the policy as trained)"""
     eval_context: Optional[int] = None
-    """the most transitions the evaluation's context holds (a full one drops to its recent half); None: the whole run"""
+    """the most transitions the evaluation's context holds (a full one drops to its recent half and the run's start); None: the whole run"""
+    eval_keep_first: Optional[int] = None
+    """the run's first transitions a full context keeps besides its recent half (every training window starts at a run's start); None: a quarter of it"""
     eval_train_goals: bool = True
     """also evaluate on the training goals (one env each; `eval_train/` tags): held-out far below training = memorised goals"""
     diagnostic_windows: int = 64
@@ -165,6 +167,8 @@ def check_args(args, world_size=1):
     need(args.seq_len >= 2, "seq-len", "at least 2 (a window holds the transitions before the action predicted)")
     need(args.history_len is None or args.history_len >= 1, "history-len", "at least 1, or None to keep whole histories")
     need(args.eval_context is None or args.eval_context >= 2, "eval-context", "at least 2, or None for the whole run")
+    need(args.eval_keep_first is None or args.eval_keep_first >= 0 and (args.eval_context is None or args.eval_keep_first
+         < args.eval_context - args.eval_context // 2), "eval-keep-first", "at least 0 and less than the half of --eval-context that a cut drops")
     need(args.warmup_steps >= 0, "warmup-steps", "at least 0")
     need(args.diagnostic_windows >= 0, "diagnostic-windows", "at least 0")
     need(0 <= args.stream_start_frac <= 1, "stream-start-frac", "in [0, 1]")
@@ -572,13 +576,14 @@ class ADTransformer(nn.Module):
 # in-context evaluation: many goals at once, from an empty context, with the KV cache
 @torch.no_grad()
 def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False, seed=0, use_cache=True, temperature=1.0,
-                        context=None, keep=None):
+                        context=None, keep=None, keep_first=None):
     """Run len(goals) x num_seeds envs in lockstep for num_episodes whole episodes each, from an empty context.
 
     Per step only the new transition's tokens go through the model (use_cache=False recomputes the whole
     window instead: same logits, for benchmarks and tests). The context holds up to `context` transitions, by default
     the whole run (num_episodes x the time limit): like its source's Q-table, AD's memory then never forgets. A
-    context that fills up drops to its most recent `keep` (default context // 2; the new one included), re-prefilled, so
+    context that fills up keeps the run's first `keep_first` transitions (default context // 4: every training window
+    starts at a run's start) and its most recent `keep` (default context // 2; the new one included), re-prefilled, so
     every action's logits are those of a plain forward pass over exactly the transitions in the context.
     env: tasks.json's env (see make_envs). Env i has goal goals[i // num_seeds]. Actions are sampled
     from softmax(logits / temperature), or the argmax with greedy.
@@ -588,9 +593,9 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     """
     device = model.action_head.weight.device
     L = num_episodes * env["max_episode_steps"] if context is None else context  # the whole run cannot fill it
-    keep = L // 2 if keep is None else keep
-    if not 1 <= keep < L:
-        raise ValueError(f"keep must be in 1..{L - 1} (context - 1), got {keep}")
+    keep, keep_first = L // 2 if keep is None else keep, L // 4 if keep_first is None else keep_first
+    if not (keep >= 1 and keep_first >= 0 and keep_first + keep < L):
+        raise ValueError(f"keep must be at least 1 and keep_first + keep at most {L - 1} (context - 1), got {keep_first} + {keep}")
     was_training = model.training
     model.eval()
     k = model.config.tokens_per_transition
@@ -611,9 +616,10 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     try:
         while episode.min() < num_episodes:
             new = n  # first context slot that the model has not seen
-            if n == L:  # full: keep the most recent `keep`, the new transition included, and re-prefill them
-                context[:, :, : keep - 1] = context[:, :, n - (keep - 1) : n].clone()
-                n, new = keep - 1, 0
+            if n == L:  # full: keep the first `keep_first` (their cache stays valid) and the most recent `keep`, the new
+                # transition included, and re-prefill the recent ones
+                context[:, :, keep_first : keep_first + keep - 1] = context[:, :, n - (keep - 1) : n].clone()
+                n, new = keep_first + keep - 1, keep_first
             transition = np.stack([state, prev_action, prev_reward, info["timestep"], prev_next_state, prev_state])  # INPUT_KEYS [6, N]
             context[:, :, n] = torch.as_tensor(transition, device=device)
             n += 1
@@ -764,7 +770,7 @@ def log_evaluation(writer, model, tasks, args, step, batches):
     TensorBoard; returns a one-line summary."""
     def evaluate(goals, num_seeds, tag):
         result = evaluate_in_context(model, goals, tasks["env"], num_seeds, args.eval_episodes, args.eval_greedy, args.seed,
-                                     temperature=args.eval_temperature, context=args.eval_context)
+                                     temperature=args.eval_temperature, context=args.eval_context, keep_first=args.eval_keep_first)
         summary = summarize_evaluation(result)
         for key, value in summary.items():
             writer.add_scalar(f"{tag}/{key}", value, step)
@@ -896,9 +902,6 @@ if __name__ == "__main__":
             KEPT = f"checkpoints up to {path}: continue with `python ad_dt.py --resume {path}`"
     if world_size > 1:
         dist.destroy_process_group()
-    if rank == 0:
-        writer.close()
-        if start < args.num_updates:
-            print(f"checkpoint: {path}")
-        else:
-            print(f"{args.resume} is the run's last update ({start} of --num-updates {args.num_updates}): nothing to do")
+    if rank == 0:  # (the writer is closed at exit)
+        print(f"checkpoint: {path}" if start < args.num_updates else
+              f"{args.resume} is the run's last update ({start} of --num-updates {args.num_updates}): nothing to do")

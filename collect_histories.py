@@ -329,10 +329,9 @@ def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
     needed = 300 * 2**20 + num_goals * (args.agents_per_goal * args.num_envs * per_stream + learner_bytes)
     available = available_memory()
     if needed > available:
-        raise SystemExit(f"error: --history-len {args.history_len} with --num-envs {args.num_envs} and {num_goals} task(s) "
-                         f"to collect needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} GiB more "
-                         f"than the {available / 2**30:.1f} GiB available: lower --history-len or --num-envs, or collect "
-                         f"fewer --tasks at once")
+        sizes = "--history-len, --num-envs" + (", --agents-per-goal or --hidden-size" if hasattr(args, "hidden_size") else "")
+        raise SystemExit(f"error: collecting {num_goals} task(s) needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} "
+                         f"GiB more than the {available / 2**30:.1f} GiB available: lower {sizes}, or collect fewer --tasks at once")
 
 
 def check_writable(directory: str, fix: str) -> None:

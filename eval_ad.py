@@ -71,7 +71,9 @@ class Args:
     temperature: float = 1.0
     """sampling temperature of the model's actions (1.0: its policy as trained, the headline; below 1: closer to greedy)"""
     context: Optional[int] = None
-    """the most transitions the model's context holds (a full one drops to its recent half); None: the whole run"""
+    """the most transitions the model's context holds (a full one drops to its recent half and the run's start); None: the whole run"""
+    keep_first: Optional[int] = None
+    """the run's first transitions a full context keeps besides its recent half (every training window starts at a run's start); None: a quarter of it"""
     loss_windows: int = 256
     """windows (sampled as in training) of the held-out and of the training histories for the teacher-forced loss; 0 skips it"""
     video_episodes: int = 10
@@ -94,6 +96,8 @@ def check_args(args):
     need(1 <= args.num_threads <= 1024, "num-threads", "in 1..1024 (more threads than cores only slow torch down)")
     need(0 < len(args.exp_name.encode()) <= 200 and "/" not in args.exp_name, "exp-name", "a non-empty file name without '/'")
     need(args.context is None or args.context >= 2, "context", "at least 2 transitions, or left out for the whole run")
+    need(args.keep_first is None or args.keep_first >= 0 and (args.context is None or args.keep_first < args.context - args.context // 2),
+         "keep-first", "at least 0 and less than the half of --context that a cut drops")
     need(math.isfinite(args.temperature) and args.temperature > 0, "temperature", "positive (use --greedy for argmax actions)")
     need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
     need(args.out_dir is None or not Path(args.out_dir).exists() or Path(args.out_dir).is_dir(), "out-dir", "a directory, not a file")
@@ -292,7 +296,7 @@ def evaluate_methods(model, goals, env, histories, source, meta, args):
     same episodes and env settings. Returns ({method: Runs}, AD's trajectories, AD's seconds, notes)."""
     start_time = time.perf_counter()
     result = evaluate_in_context(model, goals, env, args.seeds, args.episodes, args.greedy, args.seed, temperature=args.temperature,
-                                 context=args.context)
+                                 context=args.context, keep_first=args.keep_first)
     seconds = time.perf_counter() - start_time
     task_of_run = np.arange(len(result["returns"])) // args.seeds
     methods, notes = {"ad": Runs(result["returns"], task_of_run, goals)}, []
@@ -456,10 +460,12 @@ def report(results, args, out_dir):
             for name, d in diagnostics.items()]
     header = ["method (goals)", "success ep. 1", "success ep. 11-20", "success after success", "first success (mean ep.)", "never succeeded"]
     print(f"\nover {episodes} episodes:\n\n" + markdown_table(header, rows) + "\n")
+    first = args.keep_first if args.keep_first is not None else (args.context or 0) // 4
+    cut = f"cut to the run's first {first} transitions and its recent half" if args.context else "longer"
     for part, d in results["diagnostics"]["ad_success_by_context"].items():
         print(f"AD's success after its first success, {part.replace('_', ' ')}: {fmt(d['first_context'])} in the episodes that "
               f"start in its first {d['seq_len']} steps (a context no longer than it trained with), {fmt(d['after_cut'])} in "
-              f"later ones ({'cut to its recent half' if args.context else 'longer'}); {d['first_context_episodes']} / "
+              f"later ones ({cut}); {d['first_context_episodes']} / "
               f"{d['after_cut_episodes']} episodes")
     loss = results["diagnostics"]["teacher_forced_loss"]
     if loss is not None:

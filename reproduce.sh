@@ -3,7 +3,7 @@
 #   Dyna-Q (the learning source AD distils best; the defaults)             : histories/     -> runs/ad_dynaq__*/    -> results/ad_dynaq/
 #   A2C, one env per agent and 256 agents per goal (the design's learner) : histories_a2c/ -> runs/ad_a2c__*/      -> results/ad_a2c/
 #   explorer (a scripted source; WITH_EXPLORER=1 only)                     : histories_explorer/ -> runs/ad_explorer__*/ -> results/ad_explorer/
-# `bash reproduce.sh` runs the first two (27 minutes on 2 CPU cores); `WITH_EXPLORER=1 bash reproduce.sh` adds
+# `bash reproduce.sh` runs the first two (about 30 minutes on 2 CPU cores); `WITH_EXPLORER=1 bash reproduce.sh` adds
 # the explorer (about 14 minutes more, which a slow run would push past the 45-minute budget: so it is opt-in). Afterwards `python ad_dt.py --seq-len 256` trains on histories/ as stage 2 did.
 # Rerunning resumes: finished histories are skipped, an interrupted AD run continues from its last checkpoint,
 # and an evaluation newer than its checkpoint is kept. A run in runs/ad_*__*/ resumes with the flags it was started

@@ -153,7 +153,7 @@ if __name__ == "__main__":
         train_time = time.perf_counter() - start
         start = time.perf_counter()
         result = evaluate_in_context(model, tasks["test"], env, args.eval_seeds, args.eval_episodes, seed=args.seed,
-                                     context=train_args.seq_len)  # cut at the window, as when these were measured
+                                     context=train_args.seq_len, keep_first=0)  # cut at the window, as when these were measured
         eval_time = time.perf_counter() - start
         summary = summarize_evaluation(result)
         mean_return[layout] = float(result["returns"].mean())

@@ -238,31 +238,36 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 # evaluation
-@pytest.mark.parametrize("layout, state_embedding, prev_next_state, prev_state, keep", [
-    ("one", "cell", False, False, None), ("three", "cell", False, True, 3), ("one", "rowcol", True, True, None),
-    ("three", "rowcol", True, False, 7)])
-def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state, prev_state, keep):
+@pytest.mark.parametrize("layout, state_embedding, prev_next_state, prev_state, keep, keep_first", [
+    ("one", "cell", False, False, None, None), ("three", "cell", False, True, 3, 0), ("one", "rowcol", True, True, None, 0),
+    ("three", "rowcol", True, False, 7, 0), ("one", "rowcol", True, True, 2, 5), ("three", "cell", True, True, None, 1)])
+def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, state_embedding, prev_next_state, prev_state, keep,
+                                                                    keep_first):
     seq_len = 8
     model = make_model(layout, seq_len, state_embedding=state_embedding, prev_next_state=prev_next_state, prev_state=prev_state)
     # goals next to the start: the random policy ends episodes early, at different steps in different envs
     goals = [[3, 4], [4, 5], [5, 4], [4, 3], [0, 0]]
-    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, context=seq_len, keep=keep)
+    result = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, context=seq_len, keep=keep,
+                                       keep_first=keep_first)
     steps = result["states"].shape[1]
     assert steps > 2 * seq_len  # several re-prefills
     ends = [set(np.flatnonzero(result["timesteps"][i, 1:] == 0)) for i in range(len(result["states"]))]
     assert len({frozenset(e) for e in ends}) > 3 and result["successes"].any()
 
-    # the documented context rule, computed here from scratch: it grows to seq_len, then drops to the last `keep`
-    # (default seq_len // 2)
-    n, max_abs_error = 0, 0.0
+    # the documented context rule, computed here from scratch: it grows to seq_len, then drops to the run's first
+    # `keep_first` transitions (default seq_len // 4) and the last `keep` (default seq_len // 2)
+    first = seq_len // 4 if keep_first is None else keep_first
+    context, max_abs_error = [], 0.0
     rows = np.arange(len(result["states"]))
     for t in range(steps):
-        n = (keep or seq_len // 2) if n == seq_len else n + 1
+        if len(context) == seq_len:
+            context = context[:first] + context[seq_len - ((keep or seq_len // 2) - 1):]
+        context.append(t)
         with torch.no_grad():
-            expected = model(*stream_inputs(result, rows, np.arange(t - n + 1, t + 1)))[:, -1]
+            expected = model(*stream_inputs(result, rows, np.array(context)))[:, -1]
         torch.testing.assert_close(torch.as_tensor(result["logits"][:, t]), expected, atol=1e-5, rtol=0)
         # a context that ignored the drop (sliding window) would give other logits: the check can fail
-        if t >= seq_len and n < seq_len:
+        if t >= seq_len and len(context) < seq_len:
             with torch.no_grad():
                 sliding = model(*stream_inputs(result, rows, np.arange(t - seq_len + 1, t + 1)))[:, -1]
             max_abs_error = max(max_abs_error, float((sliding - expected).abs().max()))
@@ -270,7 +275,7 @@ def test_kv_cache_logits_equal_a_plain_forward_over_the_same_window(layout, stat
 
     # recomputing the window every step (the benchmark's baseline) takes the same actions
     recomputed = ad_dt.evaluate_in_context(model, goals, ENV, num_seeds=2, num_episodes=4, seed=3, use_cache=False,
-                                           context=seq_len, keep=keep)
+                                           context=seq_len, keep=keep, keep_first=keep_first)
     np.testing.assert_array_equal(recomputed["actions"], result["actions"])
     np.testing.assert_allclose(recomputed["logits"], result["logits"], atol=1e-5, rtol=0)
 
@@ -299,9 +304,10 @@ def test_the_default_context_holds_the_whole_run_past_seq_len(layout):
 def test_evaluation_rejects_a_context_that_keeps_all_or_nothing():
     # keeping all of a full context would never make room for the next transition; keeping none, not even that one
     model = make_model("one", 8)
-    for bad in (0, 8):
-        with pytest.raises(ValueError, match="keep must be in 1..7"):
-            ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, context=8, keep=bad)
+    for keep, keep_first in ((0, 0), (8, 0), (4, 4), (7, 1), (3, -1)):
+        with pytest.raises(ValueError, match=f"keep_first \\+ keep at most 7 \\(context - 1\\), got {keep_first} \\+ {keep}"):
+            ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, context=8, keep=keep, keep_first=keep_first)
+    ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, context=8, keep=3, keep_first=4)  # 7: fine
 
 
 def test_evaluation_follows_the_env_and_counts_whole_episodes():

@@ -101,7 +101,8 @@ def test_eval_ad_takes_the_same_actions_as_ad_dt(checkpoints, evaluated):
 
 
 def test_eval_ad_context_flag_cuts_the_context_as_ad_dt_does(checkpoints, evaluated):
-    # --context N: the context drops to its recent half when full, which changes the actions once the run is past N
+    # --context N: the context drops to the run's first N // 4 and its recent half when full, which changes the actions once
+    # the run is past N
     model, checkpoint = ad_dt.load_checkpoint(checkpoints["strong"])
     tasks, seq_len = checkpoint["tasks"], model.config.seq_len
     out = checkpoints["root"] / "out_cut"
@@ -114,6 +115,13 @@ def test_eval_ad_context_flag_cuts_the_context_as_ad_dt_does(checkpoints, evalua
     np.testing.assert_array_equal(saved["held_out_actions"][:, :seq_len], whole_run[:, :seq_len])
     assert not np.array_equal(saved["held_out_actions"], whole_run)
     assert json.loads((out / "results.json").read_text())["args"]["context"] == seq_len
+    # --keep-first K: the cut keeps the run's first K transitions (by default a quarter of the context), as ad_dt.py's does
+    run_eval(checkpoints["root"], "--checkpoint", checkpoints["strong"], "--episodes", EPISODES, "--seeds", SEEDS, "--context", seq_len,
+             "--keep-first", 0, "--loss-windows", 0, "--video-episodes", 0, "--out-dir", out / "first")
+    first = np.load(out / "first" / "trajectories.npz")["held_out_actions"]
+    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1, context=seq_len, keep_first=0)
+    np.testing.assert_array_equal(first, expected["actions"])
+    assert not np.array_equal(first, saved["held_out_actions"])
 
 
 # outputs
