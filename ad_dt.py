@@ -593,7 +593,8 @@ def evaluate_in_context(model, goals, env, num_seeds, num_episodes, greedy=False
     """
     device = model.action_head.weight.device
     L = num_episodes * env["max_episode_steps"] if context is None else context  # the whole run cannot fill it
-    keep, keep_first = L // 2 if keep is None else keep, L // 4 if keep_first is None else keep_first
+    keep = L // 2 if keep is None else keep
+    keep_first = L // 4 if keep_first is None or context is None else keep_first  # (the whole run is never cut)
     if not (keep >= 1 and keep_first >= 0 and keep_first + keep < L):
         raise ValueError(f"keep must be at least 1 and keep_first + keep at most {L - 1} (context - 1), got {keep_first} + {keep}")
     was_training = model.training

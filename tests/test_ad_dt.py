@@ -308,6 +308,7 @@ def test_evaluation_rejects_a_context_that_keeps_all_or_nothing():
         with pytest.raises(ValueError, match=f"keep_first \\+ keep at most 7 \\(context - 1\\), got {keep_first} \\+ {keep}"):
             ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, context=8, keep=keep, keep_first=keep_first)
     ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, context=8, keep=3, keep_first=4)  # 7: fine
+    ad_dt.evaluate_in_context(model, [[3, 4]], ENV, num_seeds=1, num_episodes=1, keep_first=10**6)  # the whole run: never cut
 
 
 def test_evaluation_follows_the_env_and_counts_whole_episodes():
