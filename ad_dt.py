@@ -141,9 +141,9 @@ NO_ACTION = NUM_ACTIONS  # "no previous transition": start of a stream, or an em
 NO_REWARD = 2  # rewards are 0/1; index 2 = no previous transition
 NO_STATE = 256  # no previous transition, in prev_next_states and prev_states (uint16: above every cell of a 16x16 room); the model maps it to its own embedding row
 # the arrays of a history file, each [streams, steps]: dtype and the bound its values stay below ("cells": size**2 of
-# tasks.json's env, "steps": its max_episode_steps; None: a bool needs none)
+# tasks.json's env, "steps": its max_episode_steps)
 HISTORY_FORMAT = {"states": (np.uint8, "cells"), "actions": (np.uint8, NUM_ACTIONS), "rewards": (np.uint8, 2),
-                  "next_states": (np.uint8, "cells"), "terminated": (np.bool_, None), "truncated": (np.bool_, None),
+                  "next_states": (np.uint8, "cells"), "terminated": (np.bool_, 2), "truncated": (np.bool_, 2),
                   "timesteps": (np.uint8, "steps")}
 HISTORY_KEYS = tuple(HISTORY_FORMAT)
 INPUT_KEYS = ("states", "prev_actions", "prev_rewards", "timesteps", "prev_next_states", "prev_states")  # ADTransformer.forward's, passed by name
@@ -152,11 +152,16 @@ PREVIOUS = {"prev_actions": ("actions", NO_ACTION, np.uint8), "prev_rewards": ("
             "prev_next_states": ("next_states", NO_STATE, np.uint16), "prev_states": ("states", NO_STATE, np.uint16)}
 
 
+def check(ok, problem):
+    """Unless `ok`, exit with one line: `error: {problem}` (what is wrong, where, and the fix)."""
+    if not ok:
+        raise SystemExit(f"error: {problem}")
+
+
 def check_args(args, world_size=1):
     """Reject every bad flag with a one-line message naming it, before any work."""
     def need(ok, flag, rule):
-        if not ok:
-            raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+        check(ok, f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
     need(1 <= args.num_threads <= 1024, "num-threads", "in 1..1024 (more threads than cores only slow torch down)")
     for name in ("keep_every", "embedding_dim", "num_layers", "num_heads", "feed_forward_dim", "batch_size",
@@ -182,31 +187,6 @@ def check_args(args, world_size=1):
     need(args.embedding_dim % args.num_heads == 0, "embedding-dim", f"divisible by --num-heads {args.num_heads}")
     need(args.batch_size % world_size == 0, "batch-size", f"divisible by the {world_size} torchrun processes")
     need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
-
-
-def available_memory() -> int:
-    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_memory(config, tokens, eval_envs, eval_steps, eval_context=None, flags=(
-        "--embedding-dim, --feed-forward-dim or --num-layers", "--batch-size, --seq-len, --diagnostic-windows or the model's size",
-        "--eval-seeds, --eval-episodes or --eval-context")):
-    """Refuse, in one line, work that would not fit in the memory available now, by rough float32 sizes: the weights
-    with their gradients and Adam's moments, the activations of `tokens` training transitions, and an in-context
-    evaluation of eval_envs envs for eval_steps steps (eval_context in context; None: all). flags: what sizes each."""
-    d, ff, layers, k = config.embedding_dim, config.feed_forward_dim, config.num_layers, config.tokens_per_transition
-    eval_context = eval_context or eval_steps
-    sizes = [16 * layers * (4 * d * d + 2 * d * ff), 4 * tokens * k * layers * (16 * d + 2 * ff),
-             eval_envs * (150 * eval_steps + eval_context * (8 * k * layers * d + 48)) + (k * eval_context) ** 2]
-    needed, available = 300 * 2**20 + sum(sizes), available_memory()  # + the interpreter and libraries
-    if needed > available:
-        raise SystemExit(f"error: this needs about {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: "
-                         f"lower {flags[sizes.index(max(sizes))]}")
 
 
 # the env the histories were collected in, a copy of the collectors' (so that this script runs alone)
@@ -248,96 +228,7 @@ def make_envs(goals, env, seed=0):
     return DarkRoomVectorEnv(goals, env["size"], env["terminate_on_goal"], env["max_episode_steps"], start_rngs)
 
 
-# the data: histories written by a collector, validated completely as they are read, then flattened into windows
-def read_tasks(root):
-    """tasks.json of a histories directory, validated: the format version, the env and the split."""
-    path = Path(root) / "tasks.json"
-    if not path.is_file():
-        fix = ("rerun the collect_histories_tabular.py or collect_histories.py command that wrote it (it rebuilds tasks.json from the histories' metadata)"
-               if any(Path(root).glob("*/*.npz")) else "run `python collect_histories_tabular.py` (Dyna-Q) or `python collect_histories.py` (A2C) first")
-        raise SystemExit(f"error: no {path}: {fix}")
-    try:
-        tasks = json.loads(path.read_text())
-        env, cells = tasks["env"], [tuple(goal) for part in ("train", "test") for goal in tasks[part]]
-        size, steps = env["size"], env["max_episode_steps"]
-        valid = (isinstance(size, int) and 3 <= size <= 16 and isinstance(steps, int) and 1 <= steps <= 256
-                 and isinstance(env["terminate_on_goal"], bool) and isinstance(env.get("random_start", False), bool)
-                 and len(set(cells)) == len(cells)
-                 and all(len(cell) == 2 and all(isinstance(x, int) and 0 <= x < size for x in cell) for cell in cells))
-    except Exception as e:  # not JSON, not an object, a key missing, a value of the wrong type
-        raise SystemExit(f"error: {path} is not a valid tasks.json ({type(e).__name__}: {e}): collect again, or restore it")
-    if not valid:
-        raise SystemExit(f"error: {path} has an env or goals out of range, or a goal twice: collect again, or restore it")
-    if tasks.get("format_version") != FORMAT_VERSION:
-        raise SystemExit(f"error: {path} has format_version {tasks.get('format_version')}, expected {FORMAT_VERSION}")
-    return tasks
-
-
-def read_history(path, env):
-    """One history file, validated completely against HISTORY_FORMAT: (metadata, arrays). Anything wrong exits with
-    one line naming the file."""
-    try:
-        with np.load(path, allow_pickle=False) as h:
-            meta = json.loads(h["metadata"].item())
-            arrays = {key: h[key] for key in HISTORY_KEYS}  # reads, decompresses and CRC-checks every array
-    except Exception as e:  # not a zip, a missing key, a corrupt stream (zlib.error), bad JSON ...
-        raise SystemExit(f"error: cannot read {path} as a history file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
-    if not isinstance(meta, dict):
-        raise SystemExit(f"error: {path} has metadata that is not a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise SystemExit(f"error: {path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    if meta.get("env") != env:
-        raise SystemExit(f"error: {path} was collected with env {meta.get('env')}, but tasks.json says {env}")
-    goal = meta.get("goal")
-    if not (isinstance(goal, list) and len(goal) == 2 and all(isinstance(x, int) and 0 <= x < env["size"] for x in goal)):
-        raise SystemExit(f"error: {path} has goal {goal}, not a cell of the {env['size']}x{env['size']} room")
-    shape = arrays["states"].shape
-    if len(shape) != 2 or min(shape) < 1 or any(a.shape != shape for a in arrays.values()):
-        raise SystemExit(f"error: {path} needs arrays of one shape (streams >= 1, steps >= 1), got {[a.shape for a in arrays.values()]}")
-    bounds = {"cells": env["size"] ** 2, "steps": env["max_episode_steps"]}
-    for key, (dtype, bound) in HISTORY_FORMAT.items():
-        bound = bounds.get(bound, bound)
-        if arrays[key].dtype != dtype:
-            raise SystemExit(f"error: {path} has {key} of dtype {arrays[key].dtype}, expected {np.dtype(dtype)}")
-        if bound is not None and arrays[key].max() >= bound:  # unsigned: never below 0
-            raise SystemExit(f"error: {path} has {key} up to {arrays[key].max()}, outside 0..{bound - 1}")
-    if not np.array_equal(arrays["rewards"] == 1, arrays["next_states"] == goal[0] * env["size"] + goal[1]):
-        raise SystemExit(f"error: {path} has rewards that do not match its goal {goal}")
-    return meta, arrays
-
-
-def load_histories(histories_dir, split="train"):
-    """Return (tasks.json contents, list of per-agent arrays, each with its "meta") of one split, validated.
-
-    split "train": the training data. split "test": the held-out tasks' histories, read only to measure the
-    teacher-forced loss on them (a diagnostic of copying vs learning) and, in eval_ad.py, the source from
-    scratch; an absent `test/` gives an empty list. A held-out goal never passes as training data.
-    """
-    root = Path(histories_dir)
-    if not root.is_dir():
-        raise SystemExit(f"error: --histories-dir {root} is not a directory: run `python collect_histories_tabular.py` (Dyna-Q) or `python collect_histories.py` (A2C) first")
-    tasks = read_tasks(root)
-    files = sorted((root / split).glob("*.npz"))
-    if not files and split == "train":
-        raise SystemExit(f"error: no training histories in {root}/train: run `python collect_histories_tabular.py` (Dyna-Q) or `python collect_histories.py` (A2C) first")
-    histories = []
-    for path in files:
-        meta, arrays = read_history(path, tasks["env"])
-        if path.name != "goal_{}_{}.npz".format(*meta["goal"]):  # also: two files of one goal cannot both pass
-            raise SystemExit(f"error: {path} holds goal {meta['goal']}, not the goal its name says: restore the file, or collect again")
-        if (meta.get("source", "a2c"), meta.get("algo")) != (tasks.get("source", "a2c"), tasks.get("algo")):
-            raise SystemExit(f"error: {path} is a history of {meta.get('source', 'a2c')} {meta.get('algo')}, but {root}/tasks.json "
-                             f"says {tasks.get('source', 'a2c')} {tasks.get('algo')}: move it to its own --histories-dir")
-        if split == "test" and (meta.get("split") != "test" or meta["goal"] not in tasks["test"]):
-            raise SystemExit(f"error: {path} is not a history of a held-out test task in {root}/tasks.json")
-        if split == "train" and (meta.get("split") != "train" or meta["goal"] in tasks["test"]):
-            raise SystemExit(f"error: {path} is a history of the held-out test task {meta['goal']}: test tasks are never training data")
-        if split == "train" and meta["goal"] not in tasks["train"]:
-            raise SystemExit(f"error: {path} has goal {meta['goal']}, which is not a training task in {root}/tasks.json")
-        histories.append({"meta": meta, **arrays})
-    return tasks, histories
-
-
+# the data: the histories flattened into one table of transitions, and windows sampled from it
 def make_dataset(histories, history_len=None, keep_every=1):
     """Cut each agent's history, keep every k-th episode, and flatten all streams into one table.
 
@@ -352,9 +243,7 @@ def make_dataset(histories, history_len=None, keep_every=1):
         num_streams, steps = h["states"].shape
         if history_len is not None:
             steps = min(steps, history_len // num_streams)
-            if steps < 1:
-                raise SystemExit(f"error: --history-len {history_len} keeps no step of a history's {num_streams} streams: "
-                                 f"give at least {num_streams}")
+            check(steps >= 1, f"--history-len {history_len} keeps no step of a history's {num_streams} streams: give at least {num_streams}")
         for s in range(num_streams):
             done = h["terminated"][s, :steps] | h["truncated"][s, :steps]
             episode = np.concatenate([[0], np.cumsum(done[:-1])])  # episode index of every transition
@@ -698,7 +587,111 @@ def plot_by_episode(result, title):
     return fig
 
 
-# checkpoints and the run's outputs
+# the plumbing: the histories validated completely as they are read, the memory a run needs, checkpoints and logs
+COLLECT_FIRST = "run `python collect_histories_tabular.py` (Dyna-Q) or `python collect_histories.py` (A2C) first"
+
+
+def read_tasks(root):
+    """tasks.json of a histories directory, validated: the format version, the env and the split."""
+    path = Path(root) / "tasks.json"
+    lost = "rerun the collect_histories_tabular.py or collect_histories.py command that wrote it (it rebuilds tasks.json from the histories' metadata)"
+    check(path.is_file(), f"no {path}: {lost if any(Path(root).glob('*/*.npz')) else COLLECT_FIRST}")
+    try:
+        tasks = json.loads(path.read_text())
+        env, cells = tasks["env"], [tuple(goal) for part in ("train", "test") for goal in tasks[part]]
+        size, steps = env["size"], env["max_episode_steps"]
+        valid = (isinstance(size, int) and 3 <= size <= 16 and isinstance(steps, int) and 1 <= steps <= 256
+                 and isinstance(env["terminate_on_goal"], bool) and isinstance(env.get("random_start", False), bool)
+                 and len(set(cells)) == len(cells)
+                 and all(len(cell) == 2 and all(isinstance(x, int) and 0 <= x < size for x in cell) for cell in cells))
+    except Exception as e:  # not JSON, not an object, a key missing, a value of the wrong type
+        raise SystemExit(f"error: {path} is not a valid tasks.json ({type(e).__name__}: {e}): collect again, or restore it")
+    check(valid, f"{path} has an env or goals out of range, or a goal twice: collect again, or restore it")
+    check(tasks.get("format_version") == FORMAT_VERSION, f"{path} has format_version {tasks.get('format_version')}, expected {FORMAT_VERSION}")
+    return tasks
+
+
+def read_history(path, env):
+    """One history file, validated completely against HISTORY_FORMAT: (metadata, arrays). Anything wrong exits with
+    one line naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as h:
+            meta = json.loads(h["metadata"].item())
+            arrays = {key: h[key] for key in HISTORY_KEYS}  # reads, decompresses and CRC-checks every array
+    except Exception as e:  # not a zip, a missing key, a corrupt stream (zlib.error), bad JSON ...
+        raise SystemExit(f"error: cannot read {path} as a history file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+    check(isinstance(meta, dict), f"{path} has metadata that is not a JSON object")
+    check(meta.get("format_version") == FORMAT_VERSION, f"{path} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    check(meta.get("env") == env, f"{path} was collected with env {meta.get('env')}, but tasks.json says {env}")
+    goal, shape = meta.get("goal"), arrays["states"].shape
+    check(isinstance(goal, list) and len(goal) == 2 and all(isinstance(x, int) and 0 <= x < env["size"] for x in goal),
+          f"{path} has goal {goal}, not a cell of the {env['size']}x{env['size']} room")
+    check(len(shape) == 2 and min(shape) >= 1 and all(a.shape == shape for a in arrays.values()),
+          f"{path} needs arrays of one shape (streams >= 1, steps >= 1), got {[a.shape for a in arrays.values()]}")
+    bounds = {"cells": env["size"] ** 2, "steps": env["max_episode_steps"]}
+    for key, (dtype, bound) in HISTORY_FORMAT.items():
+        bound, values = bounds.get(bound, bound), arrays[key]
+        check(values.dtype == dtype, f"{path} has {key} of dtype {values.dtype}, expected {np.dtype(dtype)}")
+        check(values.max() < bound, f"{path} has {key} up to {values.max()}, outside 0..{bound - 1}")  # unsigned: never below 0
+    check(np.array_equal(arrays["rewards"] == 1, arrays["next_states"] == goal[0] * env["size"] + goal[1]),
+          f"{path} has rewards that do not match its goal {goal}")
+    return meta, arrays
+
+
+def load_histories(histories_dir, split="train"):
+    """Return (tasks.json contents, list of per-agent arrays, each with its "meta") of one split, validated.
+
+    split "train": the training data. split "test": the held-out tasks' histories, read only to measure the
+    teacher-forced loss on them (a diagnostic of copying vs learning) and, in eval_ad.py, the source from
+    scratch; an absent `test/` gives an empty list. A held-out goal never passes as training data.
+    """
+    root = Path(histories_dir)
+    check(root.is_dir(), f"--histories-dir {root} is not a directory: {COLLECT_FIRST}")
+    tasks = read_tasks(root)
+    files = sorted((root / split).glob("*.npz"))
+    check(files or split != "train", f"no training histories in {root}/train: {COLLECT_FIRST}")
+    source = (tasks.get("source", "a2c"), tasks.get("algo"))
+    histories = []
+    for path in files:
+        meta, arrays = read_history(path, tasks["env"])
+        goal = meta["goal"]
+        check(path.name == "goal_{}_{}.npz".format(*goal),  # also: two files of one goal cannot both pass
+              f"{path} holds goal {goal}, not the goal its name says: restore the file, or collect again")
+        check((meta.get("source", "a2c"), meta.get("algo")) == source, f"{path} is a history of {meta.get('source', 'a2c')} "
+              f"{meta.get('algo')}, but {root}/tasks.json says {source[0]} {source[1]}: move it to its own --histories-dir")
+        check(split == "train" or meta.get("split") == "test" and goal in tasks["test"],
+              f"{path} is not a history of a held-out test task in {root}/tasks.json")
+        check(split == "test" or meta.get("split") == "train" and goal not in tasks["test"],
+              f"{path} is a history of the held-out test task {goal}: test tasks are never training data")
+        check(split == "test" or goal in tasks["train"], f"{path} has goal {goal}, which is not a training task in {root}/tasks.json")
+        histories.append({"meta": meta, **arrays})
+    return tasks, histories
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_memory(config, tokens, eval_envs, eval_steps, eval_context=None, flags=(
+        "--embedding-dim, --feed-forward-dim or --num-layers", "--batch-size, --seq-len, --diagnostic-windows or the model's size",
+        "--eval-seeds, --eval-episodes or --eval-context")):
+    """Refuse, in one line, work that would not fit in the memory available now, by rough float32 sizes: the weights
+    with their gradients and Adam's moments, the activations of `tokens` training transitions, and an in-context
+    evaluation of eval_envs envs for eval_steps steps (eval_context in context; None: all). flags: what sizes each."""
+    d, ff, layers, k = config.embedding_dim, config.feed_forward_dim, config.num_layers, config.tokens_per_transition
+    eval_context = eval_context or eval_steps
+    sizes = [16 * layers * (4 * d * d + 2 * d * ff), 4 * tokens * k * layers * (16 * d + 2 * ff),
+             eval_envs * (150 * eval_steps + eval_context * (8 * k * layers * d + 48)) + (k * eval_context) ** 2]
+    needed, available = 300 * 2**20 + sum(sizes), available_memory()  # + the interpreter and libraries
+    check(needed <= available, f"this needs about {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: "
+          f"lower {flags[sizes.index(max(sizes))]}")
+
+
 def write_atomic(path, write) -> None:
     """write(temp path), then rename: an interrupted run leaves no partial file. The temp name keeps the extension,
     from which numpy, matplotlib and imageio pick the format."""
@@ -736,12 +729,11 @@ def parse_args():
 def check_resume(checkpoint, args, tasks, config):
     """A resumed run must see the same task split, env and model: otherwise held-out goals could become training data."""
     for key in ("train", "test", "env", "source", "algo"):  # another source's histories would continue the run on other data
-        if checkpoint["tasks"].get(key) != tasks.get(key):
-            raise SystemExit(f"error: {args.histories_dir}/tasks.json has another {key} ({tasks.get(key)}) than {args.resume} "
-                             f"({checkpoint['tasks'].get(key)}): resume with the checkpoint's --histories-dir "
-                             f"{checkpoint['args']['histories_dir']}, or start a new run")
-    if asdict(config) != asdict(GPTConfig(**checkpoint["model_config"])):  # a field newer than the checkpoint: its default
-        raise SystemExit(f"error: the model flags differ from those saved in {args.resume}; leave them out to resume")
+        check(checkpoint["tasks"].get(key) == tasks.get(key), f"{args.histories_dir}/tasks.json has another {key} ({tasks.get(key)}) "
+              f"than {args.resume} ({checkpoint['tasks'].get(key)}): resume with the checkpoint's --histories-dir "
+              f"{checkpoint['args']['histories_dir']}, or start a new run")
+    check(asdict(config) == asdict(GPTConfig(**checkpoint["model_config"])),  # a field newer than the checkpoint: its default
+          f"the model flags differ from those saved in {args.resume}; leave them out to resume")
 
 
 def check_writable(directory: str, fix: str) -> None:
@@ -799,8 +791,7 @@ if __name__ == "__main__":
     _, test_histories = load_histories(args.histories_dir, "test")
     data = make_dataset(histories, args.history_len, args.keep_every)
     del histories
-    if np.diff(data["offsets"]).max() < args.seq_len:
-        raise SystemExit(f"error: no stream holds --seq-len {args.seq_len} transitions after --history-len/--keep-every")
+    check(np.diff(data["offsets"]).max() >= args.seq_len, f"no stream holds --seq-len {args.seq_len} transitions after --history-len/--keep-every")
     config = model_config(args, tasks["env"])
     check_memory(config, (args.batch_size + args.diagnostic_windows) * args.seq_len, max(len(tasks["test"]) * args.eval_seeds,
                  len(tasks["train"])), args.eval_episodes * tasks["env"]["max_episode_steps"], args.eval_context)
