@@ -31,7 +31,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Tuple
 
 import gymnasium as gym
 import matplotlib
@@ -161,12 +161,7 @@ def check_collect_args(args: CollectArgs) -> None:
         raise SystemExit(f"error: --history-len {args.history_len} must be at least --num-envs {args.num_envs} (one step per stream)")
     goals = args.size * args.size - 1
     need(args, 1 <= args.num_train_tasks <= goals - 1, "num-train-tasks", f"in 1..{goals - 1} (there are {goals} goals)")
-    for name in args.tasks:
-        if name not in ("train", "test", "all") and parse_goal(name, args.size) is None:
-            raise SystemExit(f"error: unknown task {name!r}: use train, test, all, or a goal row,col in the {args.size}x{args.size} "
-                             f"grid other than the start {args.size // 2},{args.size // 2}")
-    if not args.tasks:
-        raise SystemExit("error: --tasks names no task")
+    select_tasks(args.tasks, make_split(args.size, args.num_train_tasks, args.split_seed), args.size)  # the names of --tasks
 
 
 def check_args(args: Args) -> None:
@@ -177,19 +172,18 @@ def check_args(args: Args) -> None:
     check_collect_args(args)
     need(args, 1 <= args.num_threads <= 1024, "num-threads", "in 1..1024 (more threads than cores only slow torch down)")
     need(args, 0 < args.learning_rate <= 1, "learning-rate", "in (0, 1] (larger steps blow the logits up: the policy freezes on one action)")
-    need(args, math.isfinite(args.adam_eps) and args.adam_eps > 0, "adam-eps", "positive")
-    need(args, math.isfinite(args.critic_init_std) and args.critic_init_std >= 0, "critic-init-std", "at least 0")
+    need(args, 0 < args.adam_eps < math.inf, "adam-eps", "positive")
+    need(args, 0 <= args.critic_init_std < math.inf, "critic-init-std", "at least 0")
     need(args, 0 <= args.gamma <= 1, "gamma", "in [0, 1]")
     for name in ["ent_coef", "vf_coef"]:
-        need(args, math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name.replace("_", "-"), "at least 0")
+        need(args, 0 <= getattr(args, name) < math.inf, name.replace("_", "-"), "at least 0")
     need(args, args.max_grad_norm > 0, "max-grad-norm", "positive (inf: no clipping)")
     need(args, not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
     need(args, args.total_timesteps >= args.num_envs * args.num_steps, "total-timesteps", "at least --num-envs * --num-steps (one update)")
-    steps_trained = args.total_timesteps // (args.num_envs * args.num_steps) * args.num_steps  # per env stream
-    if args.history_len // args.num_envs > steps_trained:
-        raise SystemExit(f"error: --history-len {args.history_len} is more than the {steps_trained * args.num_envs} env "
-                         f"steps that --total-timesteps {args.total_timesteps} trains (whole updates of "
-                         f"--num-envs x --num-steps)")
+    trained = args.total_timesteps // (args.num_envs * args.num_steps) * args.num_steps * args.num_envs  # whole updates
+    if args.history_len // args.num_envs * args.num_envs > trained:
+        raise SystemExit(f"error: --history-len {args.history_len} is more than the {trained} env steps that --total-timesteps "
+                         f"{args.total_timesteps} trains (whole updates of --num-envs x --num-steps)")
 
 
 class DarkRoomVectorEnv:
@@ -310,39 +304,81 @@ def make_optimizer(args: Args, parameters) -> optim.Optimizer:
     return optim.Adam(parameters, lr=args.learning_rate, eps=args.adam_eps, fused=True)
 
 
-# ---------------------------------------------------------------------------------------------- tasks and histories
+class HistoryRecorder:
+    """What the A2C loop (in main) and the per-stream loop share: the rollout storage (step, env), the histories (the
+    first `steps_per_stream` steps of every stream, written per goal as (stream, step)), the success counts between logs."""
+
+    def __init__(self, args: CollectArgs, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv,
+                 writer: SummaryWriter):
+        self.args, self.config, self.todo, self.envs, self.writer = args, config, todo, envs, writer
+        T, N = args.num_steps, envs.num_envs
+        dtypes = {"rewards": np.float32, "terminated": bool, "truncated": bool}  # the rest int64
+        self.rollout = {key: np.zeros((T, N), dtype=dtypes.get(key, np.int64)) for key in HISTORY_KEYS}
+        self.history = {key: np.zeros((args.steps_per_stream, N), dtype=dtype) for key, dtype in HISTORY_KEYS.items()}
+        self.written, self.curve_steps, self.curve_success = 0, [], []
+        self.reached, self.episodes, self.successes = np.zeros(N, bool), np.zeros(N, np.int64), np.zeros(N, np.int64)
+        self.global_step, self.start_time = 0, time.time()  # env steps per agent
+        self.keep()
+
+    def keep(self, more: str = "") -> None:
+        """Tell on_interrupt what an interrupted run keeps: the histories written (each one complete), the logs, `more`."""
+        global KEPT
+        rest = " (rerun the same command to collect the rest)" if self.written < len(self.todo) else ""
+        KEPT = (f"{self.written} of {len(self.todo)} histories written to {self.args.histories_dir}/{rest}; "
+                f"TensorBoard logs in {self.writer.log_dir}/{more}")
+
+    def step(self, t: int, action: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Step every env and store the transition at step `t` of the rollout, and of the histories until they are full.
+        Returns the state each action led to (before any reset), the rewards, whether each episode terminated (at the
+        goal) and whether it ended."""
+        state, timestep = self.envs.state, self.envs.timestep
+        _, reward, terminated, truncated, info = self.envs.step(action)
+        row = self.global_step // self.args.num_envs + t  # the step of every stream
+        for key, value in dict(states=state, timesteps=timestep, actions=action, rewards=reward, terminated=terminated,
+                               truncated=truncated & ~terminated, next_states=info["final_obs"]).items():
+            self.rollout[key][t] = value
+            if row < self.args.steps_per_stream:
+                self.history[key][row] = value
+        ended = terminated | truncated
+        self.reached |= reward > 0
+        self.episodes += ended
+        self.successes += ended & self.reached
+        self.reached &= ~ended
+        return info["final_obs"], reward, terminated, ended
+
+    def end_rollout(self, update: int, progress) -> bool:
+        """Write the histories once they are full, and log the charts every --log-every updates and after the last one.
+        Returns whether the charts were logged (so the caller can add its own)."""
+        E, A = self.args.num_envs, len(self.todo)
+        self.global_step += E * self.args.num_steps
+        if self.history is not None and self.global_step // E >= self.args.steps_per_stream:
+            write_tasks_json(self.args.histories_dir, self.config)  # now, not before: a run stopped earlier leaves neither
+            G = self.args.agents_per_goal * E  # streams per goal: the envs of its agents, side by side
+            for i, (goal, part) in enumerate(self.todo):
+                arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
+                arrays["metadata"] = np.array(json.dumps(history_metadata(self.args, self.config, goal, part)))
+                write_atomic(history_path(self.args.histories_dir, goal, part), lambda tmp: np.savez_compressed(tmp, **arrays))
+                self.written += 1
+                self.keep()
+            self.history = None
+            progress.write(f"{self.written} histories written to {self.args.histories_dir}/ at {self.global_step} env steps per agent")
+        if update % self.args.log_every != 0 and update != self.args.num_updates:
+            return False
+        # the success rate per goal since the last log (over its agents), on TensorBoard and the progress bar
+        episodes = self.episodes.reshape(A, -1).sum(1)
+        success = self.successes.reshape(A, -1).sum(1) / np.maximum(episodes, 1)
+        self.episodes[:], self.successes[:] = 0, 0
+        self.curve_steps.append(self.global_step)
+        self.curve_success.append(success)
+        sps = int(self.global_step * A * self.args.agents_per_goal / (time.time() - self.start_time))
+        for tag, value in dict(success_rate_mean=success.mean(), success_rate_min=success.min(), success_rate_max=success.max(),
+                               episodes=episodes.mean(), SPS=sps).items():
+            self.writer.add_scalar(f"charts/{tag}", value, self.global_step)
+        progress.set_postfix(step=self.global_step, sps=sps, success=f"{success.mean():.2f}")
+        return True
 
 
-def available_memory() -> int:
-    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
-    """Refuse, in one line, a collection that would not fit in the memory available now: the interpreter and libraries,
-    the histories (a byte a value), the rollout and its temporaries, and each goal's learners (`learner_bytes`)."""
-    per_stream = len(HISTORY_KEYS) * (args.history_len // args.num_envs) + args.num_steps * 128
-    needed = 300 * 2**20 + num_goals * (args.agents_per_goal * args.num_envs * per_stream + learner_bytes)
-    available = available_memory()
-    if needed > available:
-        sizes = "--history-len, --num-envs" + (", --agents-per-goal or --hidden-size" if hasattr(args, "hidden_size") else "")
-        raise SystemExit(f"error: collecting {num_goals} task(s) needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} "
-                         f"GiB more than the {available / 2**30:.1f} GiB available: lower {sizes}, or collect fewer --tasks at once")
-
-
-def check_writable(directory: str, fix: str) -> None:
-    """Make `directory` and write a probe file in it: a one-line error now rather than a traceback after the work."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, ".writable")
-        open(probe, "wb").close()
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
+# ---------------------------------------------------------------------------------------------- tasks, histories, outputs
 
 
 def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, List[Tuple[int, int]]]:
@@ -352,20 +388,21 @@ def make_split(size: int, num_train_tasks: int, split_seed: int) -> Dict[str, Li
     return {"train": sorted(goals[i] for i in order[:num_train_tasks]), "test": sorted(goals[i] for i in order[num_train_tasks:])}
 
 
-def parse_goal(name: str, size: int) -> Optional[Tuple[int, int]]:
-    """The goal named `row,col` by --tasks, or None unless it is a cell of the grid other than the start (the centre)."""
-    try:
-        goal = tuple(int(x) for x in name.split(","))
-    except ValueError:
-        return None
-    return goal if len(goal) == 2 and all(0 <= x < size for x in goal) and goal != (size // 2, size // 2) else None
-
-
 def select_tasks(names: Tuple[str, ...], split: Dict[str, List[Tuple[int, int]]], size: int) -> List[Tuple[Tuple[int, int], str]]:
-    """(goal, "train"|"test") of every task named by --tasks (names checked by `check_args`), in grid order, without duplicates."""
-    which = {goal: part for part in ("train", "test") for goal in split[part]}
-    named = {"train": split["train"], "test": split["test"], "all": list(which)}
-    chosen = {goal for name in names for goal in (named[name] if name in named else [parse_goal(name, size)])}
+    """(goal, "train"|"test") of every task named by --tasks, in grid order, without duplicates; one line on a bad name."""
+    which = {goal: part for part in ("train", "test") for goal in split[part]}  # every cell but the start (the centre)
+    named, chosen = {"train": split["train"], "test": split["test"], "all": list(which)}, set()
+    for name in names:
+        try:
+            goals = named[name] if name in named else [tuple(int(x) for x in name.split(","))]
+        except ValueError:
+            goals = [None]
+        if not set(goals) <= which.keys():
+            raise SystemExit(f"error: unknown task {name!r}: use train, test, all, or a goal row,col in the {size}x{size} "
+                             f"grid other than the start {size // 2},{size // 2}")
+        chosen.update(goals)
+    if not chosen:
+        raise SystemExit("error: --tasks names no task")
     return [(goal, which[goal]) for goal in sorted(chosen)]
 
 
@@ -382,8 +419,44 @@ def history_path(histories_dir: str, goal: Tuple[int, int], split: str) -> str:
     return os.path.join(histories_dir, split, f"goal_{goal[0]}_{goal[1]}.npz")
 
 
+def make_envs(args: CollectArgs, todo: List[Tuple[Tuple[int, int], str]]):
+    """The envs of every task to collect, goal i's agents i * agents_per_goal ..., agent a's envs a * num_envs ...,
+    and each agent's seeds (`agent_seeds`)."""
+    goals = [goal for goal, _ in todo]
+    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, g, args.size, k) for g in goals for k in range(args.agents_per_goal)])
+    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), args.agents_per_goal * args.num_envs, axis=0), args.size,
+                             args.terminate_on_goal, args.max_episode_steps, start_rngs if args.random_start else None)
+    return envs, list(seeds), list(rngs)
+
+
+def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]], algo_keys: List[str]) -> dict:
+    """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
+    # random_start is written only when on, so the directories of the fixed start keep their tasks.json
+    env = {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps,
+           **({"random_start": True} if args.random_start else {})}
+    return {"format_version": FORMAT_VERSION, "split_seed": args.split_seed, "train": [list(goal) for goal in split["train"]],
+            "test": [list(goal) for goal in split["test"]], "env": env, "num_train_tasks": args.num_train_tasks,
+            "source": args.source, "seed": args.seed, "algo": {key: getattr(args, key) for key in algo_keys}}
+
+
+def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], part: str) -> dict:
+    """The metadata stored in the history of `goal`: the directory's config, the goal, the shape, the versions."""
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+                "gymnasium": gym.__version__, "toymeta": importlib.metadata.version("toymeta")}
+    return {"format_version": FORMAT_VERSION, "goal": list(goal), "split": part,
+            **{key: config[key] for key in ("source", "env", "algo", "seed", "split_seed")},
+            "num_streams": args.agents_per_goal * args.num_envs, "steps_per_stream": args.steps_per_stream,
+            "total_timesteps": args.total_timesteps, "versions": versions}
+
+
+def write_tasks_json(histories_dir: str, config: dict) -> None:
+    """`tasks.json`: the directory's config, one key a line."""
+    text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in config.items()) + "\n}\n"
+    write_atomic(os.path.join(histories_dir, "tasks.json"), lambda tmp: Path(tmp).write_text(text))
+
+
 def check_history(path: str, expected_meta: dict, fix: str = "delete it or rerun with --overwrite") -> None:
-    """Raise a one-line SystemExit unless `path` is a complete history made with this config; `fix` says what to do."""
+    """Exit with one line unless `path` is a complete history made with this config; `fix` says what to do."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(data["metadata"].item())
@@ -403,166 +476,41 @@ def check_history(path: str, expected_meta: dict, fix: str = "delete it or rerun
                              f"expected {np.dtype(dtype)}{shape}; {fix}")
 
 
-def write_atomic(path, write) -> None:
-    """write(temp path), then rename: an interrupted run leaves no partial file. The temp name keeps the extension,
-    from which numpy, matplotlib and imageio pick the format."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def directory_config(args: CollectArgs, split: Dict[str, List[Tuple[int, int]]], algo_keys: List[str]) -> dict:
-    """The contents of `tasks.json`: the split and the config that every history of the directory shares."""
-    return {"format_version": FORMAT_VERSION, "split_seed": args.split_seed,
-            "train": [list(goal) for goal in split["train"]], "test": [list(goal) for goal in split["test"]],
-            # random_start is written only when on, so the directories of the fixed start keep their tasks.json
-            "env": {"size": args.size, "terminate_on_goal": args.terminate_on_goal, "max_episode_steps": args.max_episode_steps,
-                    **({"random_start": True} if args.random_start else {})},
-            "num_train_tasks": args.num_train_tasks, "source": args.source, "seed": args.seed,
-            "algo": {key: getattr(args, key) for key in algo_keys}}
-
-
-def history_metadata(args: CollectArgs, config: dict, goal: Tuple[int, int], part: str) -> dict:
-    """The metadata stored in the history of `goal`: the directory's config, the goal, the shape, the versions."""
-    return {"format_version": FORMAT_VERSION, "goal": list(goal), "split": part,
-            **{key: config[key] for key in ("source", "env", "algo", "seed", "split_seed")},
-            "num_streams": args.agents_per_goal * args.num_envs, "steps_per_stream": args.steps_per_stream,
-            "total_timesteps": args.total_timesteps,
-            "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-                         "gymnasium": gym.__version__, "toymeta": importlib.metadata.version("toymeta")}}
-
-
-def write_tasks_json(histories_dir: str, config: dict) -> None:
-    """`tasks.json`: the directory's config, one key a line."""
-    text = "{\n" + ",\n".join(f' "{key}": {json.dumps(value)}' for key, value in config.items()) + "\n}\n"
-    write_atomic(os.path.join(histories_dir, "tasks.json"), lambda tmp: Path(tmp).write_text(text))
-
-
-class HistoryRecorder:
-    """What the A2C loop (in main) and the per-stream loop share: the rollout storage (step, env), the histories (the
-    first `steps_per_stream` steps of every stream, written per goal as (stream, step)), the success counts between logs."""
-
-    def __init__(self, args: CollectArgs, config: dict, todo: List[Tuple[Tuple[int, int], str]], envs: DarkRoomVectorEnv):
-        self.args, self.config, self.todo, self.envs = args, config, todo, envs
-        T, N = args.num_steps, envs.num_envs
-        dtypes = {"rewards": np.float32, "terminated": bool, "truncated": bool}  # the rest int64
-        self.rollout = {key: np.zeros((T, N), dtype=dtypes.get(key, np.int64)) for key in HISTORY_KEYS}
-        self.history = {key: np.zeros((args.steps_per_stream, N), dtype=dtype) for key, dtype in HISTORY_KEYS.items()}
-        self.written, self.curve_steps, self.curve_success = 0, [], []
-        self.reached, self.episodes, self.successes = np.zeros(N, bool), np.zeros(N, np.int64), np.zeros(N, np.int64)
-        self.global_step = 0  # env steps per agent
-        self.start_time = time.time()
-
-    def kept(self, log_dir: str) -> str:
-        """What an interrupted run keeps: the histories written (each one complete) and the TensorBoard logs."""
-        rest = " (rerun the same command to collect the rest)" if self.written < len(self.todo) else ""
-        return (f"{self.written} of {len(self.todo)} histories written to {self.args.histories_dir}/{rest}; "
-                f"TensorBoard logs in {log_dir}/")
-
-    def step(self, t: int, action: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Step every env and store the transition at step `t` of the rollout. Returns the state each action led to
-        (before any reset), the rewards, whether each episode terminated (at the goal) and whether it ended."""
-        state, timestep = self.envs.state, self.envs.timestep
-        _, reward, terminated, truncated, info = self.envs.step(action)
-        for key, value in dict(states=state, timesteps=timestep, actions=action, rewards=reward, terminated=terminated,
-                               truncated=truncated & ~terminated, next_states=info["final_obs"]).items():
-            self.rollout[key][t] = value
-        ended = terminated | truncated
-        self.reached |= reward > 0
-        self.episodes += ended
-        self.successes += ended & self.reached
-        self.reached &= ~ended
-        return info["final_obs"], reward, terminated, ended
-
-    def end_rollout(self, update: int, writer: SummaryWriter, progress) -> bool:
-        """Keep the rollout's part of the histories, write them once complete, and log the charts every --log-every
-        updates and after the last one. Returns whether the charts were logged (so the caller can add its own)."""
-        t0, E = self.global_step // self.args.num_envs, self.args.num_envs
-        if self.history is not None:
-            n = min(self.args.num_steps, self.args.steps_per_stream - t0)
-            for key in HISTORY_KEYS:
-                self.history[key][t0:t0 + n] = self.rollout[key][:n]
-        self.global_step += E * self.args.num_steps
-        if self.history is not None and self.global_step // E >= self.args.steps_per_stream:
-            self.write_histories(writer.log_dir)
-            progress.write(f"{self.written} histories written to {self.args.histories_dir}/ at {self.global_step} env steps per agent")
-        if update % self.args.log_every != 0 and update != self.args.num_updates:
-            return False
-        self.log_charts(writer, progress)
-        return True
-
-    def write_histories(self, log_dir: str) -> None:
-        """tasks.json, then each goal's streams as one history file (with the first, so a failed run leaves none)."""
-        global KEPT  # what on_interrupt reports: it changes with every history written
-        write_tasks_json(self.args.histories_dir, self.config)
-        G = self.args.agents_per_goal * self.args.num_envs  # streams per goal: the envs of its agents, side by side
-        for i, (goal, part) in enumerate(self.todo):
-            arrays = {key: np.ascontiguousarray(array[:, i * G:(i + 1) * G].T) for key, array in self.history.items()}
-            arrays["metadata"] = np.array(json.dumps(history_metadata(self.args, self.config, goal, part)))
-            write_atomic(history_path(self.args.histories_dir, goal, part), lambda tmp: np.savez_compressed(tmp, **arrays))
-            self.written += 1
-            KEPT = self.kept(log_dir)
-        self.history = None
-
-    def log_charts(self, writer: SummaryWriter, progress) -> None:
-        """The success rate per goal since the last log (over its agents), on TensorBoard and the progress bar."""
-        A = len(self.todo)
-        episodes = self.episodes.reshape(A, -1).sum(1)
-        success = self.successes.reshape(A, -1).sum(1) / np.maximum(episodes, 1)
-        self.episodes[:], self.successes[:] = 0, 0
-        self.curve_steps.append(self.global_step)
-        self.curve_success.append(success)
-        sps = int(self.global_step * A * self.args.agents_per_goal / (time.time() - self.start_time))
-        for tag, value in dict(success_rate_mean=success.mean(), success_rate_min=success.min(), success_rate_max=success.max(),
-                               episodes=episodes.mean(), SPS=sps).items():
-            writer.add_scalar(f"charts/{tag}", value, self.global_step)
-        progress.set_postfix(step=self.global_step, sps=sps, success=f"{success.mean():.2f}")
-
-
 def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: int, run_name: str):
-    """The config of --histories-dir and the tasks still to collect, checked before any work. Its `tasks.json` must say
-    this config unless it holds no history yet (a failed run blocks no other config); without one (lost), every history
-    there must be of this config, so the one rebuilt is true to them. Then the histories of the tasks named, the memory
-    (`learner_bytes` per goal) and the outputs' directories. Exits 0 when every history is there already."""
+    """The config of --histories-dir and the tasks still to collect, all checked before any work: `tasks.json` says this
+    config once a history is there (so a failed run blocks no other); lost, it is rebuilt once every history there is
+    found of this config. Then the memory (`learner_bytes` per goal) and the outputs. Exits 0 if nothing is left to do."""
     split = make_split(args.size, args.num_train_tasks, args.split_seed)
-    tasks = select_tasks(args.tasks, split, args.size)
-    config = directory_config(args, split, algo_keys)
+    tasks, config = select_tasks(args.tasks, split, args.size), directory_config(args, split, algo_keys)
     tasks_json = os.path.join(args.histories_dir, "tasks.json")
     histories = sorted(history for part in ("train", "test")
                        for history in glob.glob(os.path.join(glob.escape(args.histories_dir), part, "goal_*.npz")))
-    lost = not os.path.exists(tasks_json)
-    for history in histories if lost else []:
-        part, match = os.path.basename(os.path.dirname(history)), re.fullmatch(r"goal_(\d+)_(\d+)\.npz", os.path.basename(history))
+    if lost := not os.path.exists(tasks_json):  # every history there must be of this config: it is rebuilt from them
         fix = f"use the flags it was collected with (they were in the lost {tasks_json}), or delete it"
-        if not match or [int(match[1]), int(match[2])] not in config[part]:
-            raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another --histories-dir")
-        check_history(history, history_metadata(args, config, (int(match[1]), int(match[2])), part), fix)
-    if not lost:
+        for history in histories:
+            part, match = os.path.basename(os.path.dirname(history)), re.fullmatch(r"goal_(\d+)_(\d+)\.npz", os.path.basename(history))
+            if not match or [int(match[1]), int(match[2])] not in config[part]:
+                raise SystemExit(f"error: {history} is not a history of a {part} goal of this split; {fix}, or use another --histories-dir")
+            check_history(history, history_metadata(args, config, (int(match[1]), int(match[2])), part), fix)
+    else:
         fix = "delete it and rerun the same command (it is rebuilt from the histories), or use another --histories-dir"
         try:
-            with open(tasks_json) as f:
-                existing = json.load(f)
+            existing = json.loads(Path(tasks_json).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {tasks_json} is unreadable ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
         if not isinstance(existing, dict) or not set(config) <= set(existing):
             raise SystemExit(f"error: {tasks_json} is not a tasks.json of this script (a JSON object with the keys "
                              f"{', '.join(config)}); {fix}")
-        for key, value in config.items():
-            if existing[key] != value and histories:
+        for key, value in config.items() if histories else []:
+            if existing[key] != value:
                 there, now = ("another split", "this one") if key in ("train", "test") else (existing[key], value)
                 raise SystemExit(f"error: {args.histories_dir}/ was made with another config ({key}: {there} there, {now} now); "
                                  f"use the same flags as before or another --histories-dir")
-    todo = []  # the tasks whose history is missing (all with --overwrite); those there must be complete and of this config
-    for goal, part in tasks:
-        if os.path.exists(history_path(args.histories_dir, goal, part)) and not args.overwrite:
-            check_history(history_path(args.histories_dir, goal, part), history_metadata(args, config, goal, part))
-        else:
-            todo.append((goal, part))
+    # a history there means its task is done (unless --overwrite): it must be complete and of this config
+    done = [task for task in tasks if not args.overwrite and os.path.exists(history_path(args.histories_dir, *task))]
+    for task in done:
+        check_history(history_path(args.histories_dir, *task), history_metadata(args, config, *task))
+    todo = [task for task in tasks if task not in done]
     if not todo:
         if lost:
             check_writable(args.histories_dir, "give a writable --histories-dir")
@@ -578,28 +526,56 @@ def prepare_collection(args: CollectArgs, algo_keys: List[str], learner_bytes: i
     return config, todo
 
 
-def make_envs(args: CollectArgs, todo: List[Tuple[Tuple[int, int], str]]):
-    """The envs of every task to collect, goal i's agents i * agents_per_goal ..., agent a's envs a * num_envs ...,
-    and each agent's seeds (`agent_seeds`)."""
-    goals = [goal for goal, _ in todo]
-    seeds, rngs, start_rngs = zip(*[agent_seeds(args.seed, g, args.size, k) for g in goals for k in range(args.agents_per_goal)])
-    envs = DarkRoomVectorEnv(np.repeat(np.array(goals), args.agents_per_goal * args.num_envs, axis=0), args.size,
-                             args.terminate_on_goal, args.max_episode_steps, start_rngs if args.random_start else None)
-    return envs, list(seeds), list(rngs)
+def check_memory(args: CollectArgs, num_goals: int, learner_bytes: int) -> None:
+    """Refuse, in one line, a collection that would not fit in the memory available now: the interpreter and libraries,
+    the histories (a byte a value), the rollout and its temporaries, and each goal's learners (`learner_bytes`)."""
+    per_stream = len(HISTORY_KEYS) * (args.history_len // args.num_envs) + args.num_steps * 128
+    needed = 300 * 2**20 + num_goals * (args.agents_per_goal * args.num_envs * per_stream + learner_bytes)
+    if needed > (available := available_memory()):
+        sizes = "--history-len, --num-envs" + (", --agents-per-goal or --hidden-size" if hasattr(args, "hidden_size") else "")
+        raise SystemExit(f"error: collecting {num_goals} task(s) needs about {needed / 2**30:.1f} GiB, {(needed - available) / 2**30:.1f} "
+                         f"GiB more than the {available / 2**30:.1f} GiB available: lower {sizes}, or collect fewer --tasks at once")
 
 
-def open_writer(args: CollectArgs, run_name: str) -> SummaryWriter:
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
-    return writer
+def available_memory() -> int:
+    """Bytes of memory the machine can give without swapping: MemAvailable (Linux), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_writable(directory: str, fix: str) -> None:
+    """Make `directory` and write a probe file in it: a one-line error now rather than a traceback after the work."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, ".writable")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {directory}/ ({e.strerror or e}): {fix}")
+
+
+def write_atomic(path, write) -> None:
+    """write(temp path), then rename: an interrupted run leaves no partial file. The temp name keeps the extension,
+    from which numpy, matplotlib and imageio pick the format."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     """Write the learning curves of this run's agents next to the histories (json; png: one line per goal, their mean,
     the history cut) and print a summary."""
-    elapsed, global_step, goals = time.time() - recorder.start_time, recorder.global_step, [goal for goal, _ in recorder.todo]
-    name = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in ("train", "test", "all") else "custom"
+    elapsed, goals = time.time() - recorder.start_time, [goal for goal, _ in recorder.todo]
     steps, success = np.array(recorder.curve_steps), np.stack(recorder.curve_success)  # (points,), (points, A)
+    name = args.tasks[0] if len(args.tasks) == 1 and args.tasks[0] in ("train", "test", "all") else "custom"
     path = os.path.join(args.histories_dir, f"learning_curves_{name}")
     curves = {"env_steps_per_agent": steps.tolist(), "goals": [list(g) for g in goals], "success_rate": success.round(4).tolist()}
     write_atomic(path + ".json", lambda tmp: Path(tmp).write_text(json.dumps(curves)))
@@ -616,7 +592,7 @@ def report(args: CollectArgs, recorder: HistoryRecorder, run_name: str) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     write_atomic(path + ".png", lambda tmp: fig.savefig(tmp, dpi=100))
-    mean, num_agents = success.mean(1), len(goals) * args.agents_per_goal
+    mean, num_agents, global_step = success.mean(1), len(goals) * args.agents_per_goal, recorder.global_step
     above = np.flatnonzero(mean >= 0.9)
     print(f"{num_agents} agents x {global_step} env steps in {elapsed:.1f} s ({int(global_step * num_agents / elapsed)} "
           f"env steps/s); final success mean {mean[-1]:.3f} min {success[-1].min():.3f}; mean success >= 0.9 "
@@ -642,20 +618,19 @@ if __name__ == "__main__":
     S, K, E, T = args.size * args.size, args.agents_per_goal, args.num_envs, args.num_steps
     params_per_agent = args.hidden_size * (S + NUM_ACTIONS + 1) + NUM_ACTIONS + 1
     config, todo = prepare_collection(args, ALGO_KEYS, K * params_per_agent * 4 * 4, run_name)
-    writer = open_writer(args, run_name)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
 
     # env setup: goal i's agents are i * K ..., agent a's envs a * E ... (a + 1) * E - 1; the rollout runs in numpy
     envs, seeds, rngs = make_envs(args, todo)
     A = len(todo) * K
-    recorder = HistoryRecorder(args, config, todo, envs)
-    KEPT = recorder.kept(writer.log_dir)
+    recorder = HistoryRecorder(args, config, todo, envs, writer)  # it keeps on_interrupt's line up to date
     agent = BatchedAgent(seeds, S, NUM_ACTIONS, args.hidden_size, args.critic_init_std).to(device)
     optimizer = make_optimizer(args, agent.parameters())
     rollout = recorder.rollout
     table_row = np.repeat(np.arange(A) * S, E)  # row of each env's agent's state 0 in a flattened (A * S) table
 
-    def per_agent(x: torch.Tensor) -> torch.Tensor:
-        """(T, A * E) -> (A, T * E): each agent's rollout, flattened in a2c_darkroom.py's order."""
+    def per_agent(x: torch.Tensor) -> torch.Tensor:  # (T, A * E) -> (A, T * E): each agent's rollout in a2c_darkroom.py's order
         return x.reshape(T, A, E).transpose(0, 1).reshape(A, T * E).to(device)
 
     envs.reset(seed=args.seed)
@@ -677,6 +652,7 @@ if __name__ == "__main__":
 
             # ALGO LOGIC: n-step returns bootstrapped from the critic's table, and the A2C step; each epoch after the
             # first reads the tables of the network it updated, on the same rollout
+            obs, actions = (per_agent(torch.from_numpy(rollout[key])) for key in ("states", "actions"))
             for epoch in range(args.update_epochs):
                 if epoch > 0:
                     logits, values = agent.tables()
@@ -684,15 +660,14 @@ if __name__ == "__main__":
                 next_values = torch.from_numpy(value_table[table_row + rollout["next_states"]])
                 returns = nstep_returns(*(torch.from_numpy(rollout[key]) for key in ("rewards", "terminated", "truncated")),
                                         next_values, args.gamma)
-                losses = a2c_update(agent, optimizer, logits, values, per_agent(torch.from_numpy(rollout["states"])),
-                                    per_agent(torch.from_numpy(rollout["actions"])), per_agent(returns), args.ent_coef,
+                losses = a2c_update(agent, optimizer, logits, values, obs, actions, per_agent(returns), args.ent_coef,
                                     args.vf_coef, args.max_grad_norm)
-            if recorder.end_rollout(update, writer, progress):
+            if recorder.end_rollout(update, progress):
                 for tag, value in zip(["policy_loss", "value_loss", "entropy", "grad_norm"], losses):
                     writer.add_scalar(f"losses/{tag}", value.mean().item(), recorder.global_step)
 
     agents_path = f"runs/{run_name}/agents.pt"
     goals = [goal for goal, _ in todo for _ in range(K)]
     write_atomic(agents_path, lambda tmp: torch.save({"agent": agent.state_dict(), "goals": goals, "args": vars(args)}, tmp))
-    KEPT = f"{recorder.kept(writer.log_dir)}, the trained agents in {agents_path} (no learning curves)"
+    recorder.keep(f", the trained agents in {agents_path} (no learning curves)")
     report(args, recorder, run_name)

@@ -29,11 +29,12 @@ from typing import Literal, Optional
 
 import numpy as np
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import trange
 
 import collect_histories
-from collect_histories import (NUM_ACTIONS, CollectArgs, HistoryRecorder, check_collect_args, make_envs, need,
-                               open_writer, prepare_collection, report)
+from collect_histories import (NUM_ACTIONS, CollectArgs, HistoryRecorder, check_collect_args, make_envs, need, prepare_collection,
+                               report)
 
 
 @dataclass
@@ -256,7 +257,6 @@ def make_learner(args: Args, goal_states: np.ndarray, rngs):
                            args.explorer_eps)
 
 
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
@@ -273,11 +273,11 @@ if __name__ == "__main__":
     # float64 arrays of (env, state) per step, and the distance table
     learner_bytes = args.num_envs * S * NUM_ACTIONS * 40 if args.source == "dynaq" else args.num_envs * S * 25 + S * S * 8
     config, todo = prepare_collection(args, ALGO_KEYS[args.source], learner_bytes, run_name)
-    writer = open_writer(args, run_name)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
     envs, _, rngs = make_envs(args, todo)  # goal i's learners are the envs i * num_envs ... (i + 1) * num_envs - 1
-    recorder = HistoryRecorder(args, config, todo, envs)
-    signal.signal(signal.SIGINT, collect_histories.on_interrupt)  # its KEPT says what the recorder has written
-    collect_histories.KEPT = recorder.kept(writer.log_dir)
+    recorder = HistoryRecorder(args, config, todo, envs, writer)
+    signal.signal(signal.SIGINT, collect_histories.on_interrupt)  # its KEPT is the one the recorder keeps up to date
 
     # every env stream is one learner from scratch: it acts, sees the step and learns from it (dynaq plans), at once
     learner = make_learner(args, envs.goal_states, rngs)
@@ -288,5 +288,5 @@ if __name__ == "__main__":
             for step in range(args.num_steps):
                 action = learner.act(envs.state)
                 learner.observe(*recorder.step(step, action))
-            recorder.end_rollout(update, writer, progress)
+            recorder.end_rollout(update, progress)
     report(args, recorder, run_name)
