@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 # what this script evaluates comes from the script that trains it (as CleanRL's evals import the training script's network),
 # and the sources it compares with from the script that wrote the histories
 import collect_histories_tabular
-from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, check_memory, check_writable, evaluate_in_context, load_checkpoint, load_histories,
+from ad_dt import (NUM_ACTIONS, DarkRoomVectorEnv, check, check_memory, check_writable, evaluate_in_context, load_checkpoint, load_histories,
                    make_dataset, make_envs, sample_windows, summarize_evaluation, teacher_forced_loss, write_atomic)
 
 
@@ -87,8 +87,7 @@ class Args:
 def check_args(args):
     """Reject every bad flag with a one-line message naming it, before any work."""
     def need(ok, flag, rule):
-        if not ok:
-            raise SystemExit(f"error: --{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+        check(ok, f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
 
     for name, low in (("episodes", 1), ("seeds", 1), ("loss_windows", 0), ("video_episodes", 0), ("video_task", 0)):
         need(getattr(args, name) >= low, name.replace("_", "-"), f"at least {low}")
@@ -320,20 +319,18 @@ def load_run(args, device):
     made writable; bad input exits here, before the evaluation. Returns a dict of them, with notes on the baselines."""
     model, checkpoint = load_checkpoint(args.checkpoint, device)
     tasks = checkpoint.get("tasks")
-    if not isinstance(tasks, dict) or not {"train", "test", "env"} <= set(tasks):
-        raise SystemExit(f"error: {args.checkpoint} holds no task split (train, test, env): not a checkpoint of ad_dt.py")
+    check(isinstance(tasks, dict) and {"train", "test", "env"} <= set(tasks),
+          f"{args.checkpoint} holds no task split (train, test, env): not a checkpoint of ad_dt.py")
     env = tasks["env"]
-    if (model.config.num_states, model.config.max_episode_steps) != (env["size"] ** 2, env["max_episode_steps"]):
-        raise SystemExit(f"error: the model in {args.checkpoint} does not fit its env {env}")
-    if args.video_task >= len(tasks["test"]):
-        raise SystemExit(f"error: --video-task must be in 0..{len(tasks['test']) - 1}, got {args.video_task}")
+    check((model.config.num_states, model.config.max_episode_steps) == (env["size"] ** 2, env["max_episode_steps"]),
+          f"the model in {args.checkpoint} does not fit its env {env}")
+    check(args.video_task < len(tasks["test"]), f"--video-task must be in 0..{len(tasks['test']) - 1}, got {args.video_task}")
     check_memory(model.config, 0, max(len(tasks["test"]), len(tasks["train"]) * args.train_tasks) * args.seeds, args.episodes
                  * env["max_episode_steps"], args.context, flags=("", "", "--seeds, --episodes or --context"))
     histories_dir = Path(args.histories_dir or checkpoint.get("args", {}).get("histories_dir", "histories"))
     on_disk, test_histories = load_histories(histories_dir, "test")  # validated; held-out goals only
-    if any(on_disk.get(key) != tasks.get(key) for key in ("train", "test", "env", "source", "algo")):
-        raise SystemExit(f"error: {histories_dir}/tasks.json has another task split, env or source than {args.checkpoint}: "
-                         f"use the --histories-dir it was trained on")
+    check(all(on_disk.get(key) == tasks.get(key) for key in ("train", "test", "env", "source", "algo")),
+          f"{histories_dir}/tasks.json has another task split, env or source than {args.checkpoint}: use the --histories-dir it was trained on")
     train_histories = load_histories(histories_dir, "train")[1] if args.loss_windows > 0 or args.train_tasks else []
     for part, histories in (("test", test_histories), ("train", train_histories)):  # in the split's order, as the other methods
         histories.sort(key=lambda h: tasks[part].index(h["meta"]["goal"]))
