@@ -68,8 +68,8 @@ class Args:
     """if toggled, also evaluate every method on the training goals (memorised goals vs held-out ones)"""
     greedy: bool = False
     """if toggled, the model acts greedily instead of sampling from its policy (greedy decoding cannot explore)"""
-    temperature: float = 1.0
-    """sampling temperature of the model's actions (1.0: its policy as trained, the headline; below 1: closer to greedy)"""
+    temperature: Optional[float] = None
+    """sampling temperature of the model's actions (below 1: closer to greedy); default: the checkpoint's --eval-temperature"""
     context: Optional[int] = None
     """the most transitions the model's context holds (a full one drops to its recent half and the run's start); None: the whole run"""
     keep_first: Optional[int] = None
@@ -97,7 +97,7 @@ def check_args(args):
     need(args.context is None or args.context >= 2, "context", "at least 2 transitions, or left out for the whole run")
     need(args.keep_first is None or args.keep_first >= 0 and (args.context is None or args.keep_first < args.context - args.context // 2),
          "keep-first", "at least 0 and less than the half of --context that a cut drops")
-    need(math.isfinite(args.temperature) and args.temperature > 0, "temperature", "positive (use --greedy for argmax actions)")
+    need(args.temperature is None or math.isfinite(args.temperature) and args.temperature > 0, "temperature", "positive (use --greedy for argmax actions)")
     need(not args.cuda or torch.cuda.is_available(), "cuda", "left out on a machine without a CUDA GPU (torch sees none)")
     need(args.out_dir is None or not Path(args.out_dir).exists() or Path(args.out_dir).is_dir(), "out-dir", "a directory, not a file")
 
@@ -487,6 +487,8 @@ if __name__ == "__main__":
     run = load_run(args, device)
     model, checkpoint, tasks, env, source, out_dir = (run[key] for key in ("model", "checkpoint", "tasks", "env", "source", "out_dir"))
     KEPT, notes = f"nothing: {out_dir}/ gets its files only once the evaluation is done", run["notes"]
+    if args.temperature is None:  # the temperature the run was trained to be evaluated at (before the flag: its policy as is)
+        args.temperature = checkpoint.get("args", {}).get("eval_temperature", 1.0)
     for note in notes:
         print(f"note: {note}")
     print(f"{args.checkpoint}: update {run['update']}, {sum(p.numel() for p in model.parameters())} parameters; "
@@ -550,7 +552,7 @@ if __name__ == "__main__":
     labels = {"ad": "AD (in context)", "random": "random", "optimal": "optimal (knows the goal)", "oracle": "exploration oracle",
               **({source: f"{source} from scratch (one stream)"} if source else {})}
     title = (f"{results['checkpoint']['run_name']} update {run['update']}: {len(tasks['test'])} held-out goals x {args.seeds} seeds"
-             f" ({'terminate' if env['terminate_on_goal'] else 'no-terminate'} mode, {'greedy' if args.greedy else 'sampled'} actions)")
+             f" ({'terminate' if env['terminate_on_goal'] else 'no-terminate'} mode, {'greedy' if args.greedy else f'sampled at temperature {args.temperature:g}'} actions)")
     plot_results(out_dir / "return_by_episode.png", results["methods"], {"ad": summaries["train_goals"]["ad"]} if args.train_tasks else {},
                  labels, title, results["diagnostics"]["fidelity_to_source"])
     arrays = {f"{part}_{key}": result[key] for part, result in trajectories.items() for key in ("states", "actions", "rewards", "timesteps", "returns", "goals")}

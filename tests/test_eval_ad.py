@@ -61,6 +61,7 @@ def checkpoints(tmp_path_factory):
     checkpoint = torch.load(trained, weights_only=True)
     generator = torch.Generator().manual_seed(0)
     checkpoint["model"] = {k: torch.randn(v.shape, generator=generator) * 0.3 if v.dim() > 1 else v for k, v in checkpoint["model"].items()}
+    checkpoint["args"]["eval_temperature"] = 0.9  # as if trained with --eval-temperature 0.9: eval_ad.py's default temperature
     strong = trained.with_name("strong.pt")
     torch.save(checkpoint, strong)
     return {"root": root, "histories": histories, "trained": trained, "strong": strong}
@@ -90,7 +91,9 @@ def test_eval_ad_takes_the_same_actions_as_ad_dt(checkpoints, evaluated):
     saved = np.load(out / "trajectories.npz")
     model, checkpoint = ad_dt.load_checkpoint(checkpoints["strong"])
     tasks = checkpoint["tasks"]
-    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1)  # eval_ad's default --seed
+    temperature = checkpoint["args"]["eval_temperature"]  # eval_ad's default: the run's own
+    assert temperature == 0.9 and json.loads((out / "results.json").read_text())["args"]["temperature"] == 0.9
+    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1, temperature=temperature)  # eval_ad's default --seed
     assert len(np.unique(expected["actions"])) == 5 and expected["states"].shape[1] > model.config.seq_len  # varied, past the window
     np.testing.assert_array_equal(saved["held_out_actions"], expected["actions"])
     np.testing.assert_array_equal(saved["held_out_states"], expected["states"])
@@ -109,7 +112,8 @@ def test_eval_ad_context_flag_cuts_the_context_as_ad_dt_does(checkpoints, evalua
     run_eval(checkpoints["root"], "--checkpoint", checkpoints["strong"], "--episodes", EPISODES, "--seeds", SEEDS, "--context", seq_len,
              "--loss-windows", 0, "--video-episodes", 0, "--out-dir", out)
     saved = np.load(out / "trajectories.npz")
-    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1, context=seq_len)
+    temperature = checkpoint["args"]["eval_temperature"]
+    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1, context=seq_len, temperature=temperature)
     np.testing.assert_array_equal(saved["held_out_actions"], expected["actions"])
     whole_run = np.load(evaluated[0] / "trajectories.npz")["held_out_actions"]
     np.testing.assert_array_equal(saved["held_out_actions"][:, :seq_len], whole_run[:, :seq_len])
@@ -119,7 +123,8 @@ def test_eval_ad_context_flag_cuts_the_context_as_ad_dt_does(checkpoints, evalua
     run_eval(checkpoints["root"], "--checkpoint", checkpoints["strong"], "--episodes", EPISODES, "--seeds", SEEDS, "--context", seq_len,
              "--keep-first", 0, "--loss-windows", 0, "--video-episodes", 0, "--out-dir", out / "first")
     first = np.load(out / "first" / "trajectories.npz")["held_out_actions"]
-    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1, context=seq_len, keep_first=0)
+    expected = ad_dt.evaluate_in_context(model, tasks["test"], tasks["env"], SEEDS, EPISODES, False, seed=1, context=seq_len, keep_first=0,
+                                         temperature=temperature)
     np.testing.assert_array_equal(first, expected["actions"])
     assert not np.array_equal(first, saved["held_out_actions"])
 
