@@ -116,9 +116,10 @@ class Args:
     """envs per held-out goal (all goals x seeds run as one batch)"""
     eval_greedy: bool = False
     """if toggled, act greedily instead of sampling from the policy (greedy decoding cannot explore)"""
-    eval_temperature: float = 1.0
-    """sampling temperature of the evaluation's actions (1.0: the policy as trained; below 1 trims the imitation's spread,
-    which helps for sources whose actions follow a rule, Dyna-Q and the explorer: experiments/README.md, "Sampling temperature")"""
+    eval_temperature: float = 0.7
+    """sampling temperature of the evaluation's actions (eval_ad.py's default is the checkpoint's). Dyna-Q and the
+    explorer act by a rule, so the imitation's leftover spread is error and below 1 trims it; 1 for a source that
+    samples its actions, as A2C does (experiments/README.md, "Sampling temperature")"""
     eval_context: Optional[int] = None
     """the most transitions the evaluation's context holds (a full one drops to its recent half and the run's start); None: the whole run"""
     eval_keep_first: Optional[int] = None

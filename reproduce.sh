@@ -59,9 +59,10 @@ collect collect_histories.py --histories-dir "histories_a2c$S" --num-envs 1 --ag
 stage "4/$N AD on the A2C histories (every 8th episode: a window = a whole stream, as for Dyna-Q) + evaluation"
 # every 8th episode of a 2200-step stream is about 275 transitions, so a 256-transition window shows one agent's whole
 # arc from scratch; 2 heads and 3 layers make an update 1.4x cheaper, which buys 5600 updates (experiments/README.md,
-# "Fast per-stream A2C")
+# "Fast per-stream A2C"); A2C samples its actions, so its AD samples at temperature 1 (Dyna-Q's and the explorer's at
+# ad_dt.py's default 0.7: they act by a rule)
 ad_and_eval "ad_a2c$S" "histories_a2c$S" --seq-len 256 --keep-every 8 --num-heads 2 --num-layers 3 \
-  --num-updates 5600 --eval-every 2800
+  --num-updates 5600 --eval-every 2800 --eval-temperature 1
 if [ "$WITH_EXPLORER" = 1 ]; then
   stage "5/$N explorer histories: 1000 short learners per task -> histories_explorer/"
   collect collect_histories_tabular.py --source explorer --num-envs 1000 --history-len 128000 --histories-dir "histories_explorer$S"

@@ -1,18 +1,22 @@
 # README's headline figures: AD on Dyna-Q histories and Dyna-Q from scratch on the held-out goals of three train/test
-# splits (reproduce.sh with SPLIT_SEED unset, 1 and 2), per episode: the mean over the splits and the range; and the
-# same checkpoints evaluated with the context cut at the 256-transition window they trained on (eval_ad.py --context 256).
-# Docs: experiments/README.md ("Three splits")
+# splits (reproduce.sh with SPLIT_SEED unset, 1 and 2), per episode: the mean over the splits and the range.
+# "temperature_0.7" is the headline (one 3600-update checkpoint per split, evaluated at ad_dt.py's default temperature
+# 0.7); "temperature_1" the same checkpoints at temperature 1; "whole_run" and "cut_256" are the former headline's
+# checkpoints (temperature 1) with the whole run in context and with the context cut at 256 (eval_ad.py --context 256).
+# Docs: experiments/README.md ("Three splits", "Sampling temperature")
 #   .venv/bin/python experiments/three_splits.py [--save experiments/three_splits.json]
-# It reads the rows experiments/curves.py saved (in whole_run_runs.json) for each split's results/ad_dynaq*/results.json
-# and results/ad_dynaq*_cut256/results.json.
+# It reads the rows experiments/curves.py saved (in SUMMARIES) for each results.json below.
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# the results.json of each split, seed 0 (the default), 1, 2, whose rows curves.py saved in SUMMARIES
-SUMMARIES = "experiments/whole_run_runs.json"
-RUNS = {"whole_run": ["results/ad_dynaq/results.json", "results/ad_dynaq_split1/results.json", "results/ad_dynaq_split2/results.json"],
+SUMMARIES = ["experiments/whole_run_runs.json", "experiments/temperature_runs.json"]
+RUNS = {"temperature_0.7": ["results/ad_dynaq_T0.7/results.json", "results/ad_dynaq_t_split1_T0.7/results.json",
+                            "results/ad_dynaq_split2_T0.7/results.json"],
+        "temperature_1": ["results/ad_dynaq_T1.0/results.json", "results/ad_dynaq_t_split1_T1.0/results.json",
+                          "results/ad_dynaq_split2_T1.0/results.json"],
+        "whole_run": ["results/ad_dynaq/results.json", "results/ad_dynaq_split1/results.json", "results/ad_dynaq_split2/results.json"],
         "cut_256": ["results/ad_dynaq_cut256/results.json", "results/ad_dynaq_split1_cut256/results.json",
                     "results/ad_dynaq_split2_cut256/results.json"]}
 EPISODES = (1, 2, 5, 10, 20, 50, 100)
@@ -41,14 +45,14 @@ def combine(rows):
 
 
 if __name__ == "__main__":
-    saved = json.loads((ROOT / SUMMARIES).read_text())
+    saved = [row for summaries in SUMMARIES for row in json.loads((ROOT / summaries).read_text())]
     out = {}
     for context, files in RUNS.items():
         rows = []
         for results in files:
             found = [r for r in saved if r["file"] == results]
             if not found:
-                raise SystemExit(f"error: no row of {results} in {SUMMARIES}: run experiments/curves.py {results} --save {SUMMARIES}")
+                raise SystemExit(f"error: no row of {results} in {' or '.join(SUMMARIES)}: run experiments/curves.py {results} --save {SUMMARIES[0]}")
             rows.append(found[-1])
         out[context] = combine(rows)
         print(f"\n{context}:\n| held-out goals | " + " | ".join(out[context]["table"]["ad"]) + " |")
